@@ -1,0 +1,154 @@
+"""params.yaml loading and validation.
+
+params.yaml holds every knob. Sections that differ between profiles have the shape::
+
+    methods:
+      patchcore:
+        common: {...}        # shared by every profile
+        smoke: {...}         # overrides for the smoke profile
+        default: {...}
+        paper: {...}         # the paper's settings
+
+and the top-level key ``profile`` selects which override is merged over ``common``.
+Each method validates its merged section with its own pydantic model, so a malformed value
+fails with an error naming the key (``methods.patchcore.coreset_ratio: ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from defectlab.errors import ConfigError
+
+PROFILES = ("smoke", "default", "paper")
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every params model: unknown keys are errors (typos must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetParams(StrictModel):
+    source: str = Field(description="'demo' (generated) or a registry name such as 'mvtec_ad'")
+    root: str | None = Field(None, description="folder with the raw/extracted dataset (public sets)")
+    categories: list[str]
+    texture_categories: list[str] = Field(default_factory=list, description="no foreground: whole image is texture")
+    image_size: int = Field(128, ge=16, le=2048)
+    generator: dict[str, Any] = Field(default_factory=dict)
+    download: bool = False
+
+
+class SynthesisParams(StrictModel):
+    n: int = Field(64, ge=1)
+    image_size: int = Field(128, ge=16, le=2048)
+    kinds: dict[str, float] = Field(default_factory=lambda: {"structural": 0.5, "logical": 0.5})
+    dtd_dir: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalParams(StrictModel):
+    batch_size: int = Field(8, ge=1)
+    max_fpr_pro: float = Field(0.3, gt=0, le=1)
+    max_fpr_spro: float = Field(0.05, gt=0, le=1)
+    n_overlays: int = Field(8, ge=0)
+
+
+class RunParams(StrictModel):
+    datasets: list[str]
+    categories: list[str]
+    methods: list[str]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_validation(prefix: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        parts.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], data: dict, where: str) -> M:
+    """Validate ``data`` with ``model``; raise ConfigError naming the key path on failure."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid params: {_format_validation(where, err)}") from None
+
+
+class Params:
+    """The parsed params.yaml with profile resolution."""
+
+    def __init__(self, raw: dict, path: Path | None = None):
+        self.raw = raw
+        self.path = path
+        where = str(path or "params")
+        profile = raw.get("profile", "smoke")
+        if profile not in PROFILES:
+            raise ConfigError(f"{where}: profile: must be one of {', '.join(PROFILES)} (got {profile!r})")
+        self.profile: str = profile
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"{where}: seed: must be an integer (got {seed!r})")
+        self.seed: int = seed
+        device = raw.get("device", "auto")
+        if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
+            raise ConfigError(f"{where}: device: must be auto, cpu, cuda or cuda:N (got {device!r})")
+        self.device: str = device
+        self.run = validate(RunParams, raw.get("run", {}), "run")
+        self.tracking: dict = raw.get("tracking", {}) or {}
+
+    @classmethod
+    def load(cls, path: str | Path = "params.yaml", profile: str | None = None) -> "Params":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        if profile is not None:
+            raw["profile"] = profile
+        return cls(raw, path)
+
+    def profiled(self, section: str, name: str) -> dict:
+        """Merge ``<section>.<name>.common`` with ``<section>.<name>.<profile>``."""
+        block = (self.raw.get(section) or {}).get(name)
+        if block is None:
+            valid = ", ".join(sorted(self.raw.get(section) or {})) or "none"
+            raise ConfigError(f"params: {section}.{name}: not defined (defined: {valid})")
+        return deep_merge(block.get("common", {}) or {}, block.get(self.profile, {}) or {})
+
+    def dataset(self, name: str) -> DatasetParams:
+        datasets = self.raw.get("datasets") or {}
+        if name not in datasets:
+            raise ConfigError(f"unknown dataset {name!r}; defined in params: {', '.join(sorted(datasets))}")
+        return validate(DatasetParams, datasets[name], f"datasets.{name}")
+
+    def method(self, name: str, model: type[M]) -> M:
+        return validate(model, self.profiled("methods", name), f"methods.{name}")
+
+    def section(self, section: str, name: str, model: type[M]) -> M:
+        return validate(model, self.profiled(section, name), f"{section}.{name}")
+
+
+Device = Literal["auto", "cpu", "cuda"]
