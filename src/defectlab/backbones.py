@@ -1,0 +1,183 @@
+"""torchvision backbones with layer hooks and selectable weights.
+
+``weights`` is one of:
+
+- ``random``   seeded random initialisation (offline default for smoke runs),
+- ``imagenet`` torchvision's ImageNet weights; offline without a cached file this raises one
+               ResourceMissingError saying which file to put where,
+- ``ds2`` / ``ds2:<path>`` the project's own DS2 self-supervised checkpoint,
+- a path to a ``.safetensors`` / ``.pt`` / ``.pth`` state dict (loaded with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torchvision
+from torch import nn
+
+from defectlab.errors import ConfigError, ResourceMissingError
+
+ARCHS = {
+    "resnet18": ("resnet18", "ResNet18_Weights"),
+    "resnet50": ("resnet50", "ResNet50_Weights"),
+    "wide_resnet50_2": ("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+    "vgg16": ("vgg16", "VGG16_Weights"),
+}
+
+#: Where the DS2 pretrain stage writes its backbone, relative to the repository root.
+DS2_CHECKPOINT = "models/ds2/{dataset}/pretrain/backbone.safetensors"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: safetensors, or torch.load(weights_only=True). Never unpickles code."""
+    path = Path(path)
+    if not path.exists():
+        raise ResourceMissingError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle payloads with code, corrupt files
+        raise ResourceMissingError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ResourceMissingError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def save_backbone(model: nn.Module, path: str | Path, arch: str, meta: dict | None = None) -> None:
+    """Save a backbone's state dict as safetensors with the architecture in the metadata."""
+    from safetensors.torch import save_file
+
+    from defectlab.io import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"arch": arch, "meta": json.dumps(meta or {})})
+
+
+def _imagenet_weights(arch: str):
+    fn_name, enum_name = ARCHS[arch]
+    return getattr(torchvision.models, enum_name).DEFAULT
+
+
+def build_backbone(arch: str, weights: str = "random", *, seed: int = 0, dataset: str | None = None) -> nn.Module:
+    """Build a torchvision classification network with the requested weights (on CPU, eval mode)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown backbone {arch!r}; valid: {', '.join(ARCHS)}")
+    fn = getattr(torchvision.models, ARCHS[arch][0])
+    if weights == "imagenet":
+        w = _imagenet_weights(arch)
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        filename = Path(w.url).name
+        if not (hub_dir / filename).exists():
+            try:
+                model = fn(weights=w)
+            except Exception as err:
+                raise ResourceMissingError(
+                    f"ImageNet weights for {arch} are not cached and could not be downloaded ({type(err).__name__}). "
+                    f"Download {w.url} on a connected machine and copy it to {hub_dir / filename} "
+                    f"(or set TORCH_HOME), or use weights: random / ds2 / a file path."
+                ) from None
+        else:
+            model = fn(weights=w)
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = fn(weights=None)
+    if weights == "random":
+        return model.eval()
+    if weights == "ds2" or weights.startswith("ds2:"):
+        path = Path(weights[4:]) if weights.startswith("ds2:") else Path(DS2_CHECKPOINT.format(dataset=dataset or "demo"))
+        if not path.exists():
+            raise ResourceMissingError(
+                f"{path}: DS2 checkpoint not found; run `dvc repro ds2_pretrain` (or the pretrain stage of "
+                f"method ds2) first, or choose weights: random / imagenet / a file path"
+            )
+    else:
+        path = Path(weights)
+        if not path.suffix:
+            raise ConfigError(f"weights: {weights!r} is neither random, imagenet, ds2 nor a file path")
+    state = load_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a classification head (fc / classifier) is allowed to be absent from self-supervised checkpoints
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+    if missing or unexpected:
+        raise ResourceMissingError(
+            f"{path}: does not match {arch} (missing {missing[:5]}, unexpected {list(unexpected)[:5]})"
+        )
+    return model.eval()
+
+
+class FeatureExtractor(nn.Module):
+    """Returns the outputs of named layers (e.g. ``layer2``, ``layer3``) of a backbone.
+
+    The network is truncated after the deepest requested layer, so no time is spent on layers
+    nobody reads. Uses torchvision's graph-based feature extraction (no hand-written hooks).
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        self.layers = list(layers)
+        _, nodes = get_graph_node_names(model)
+        bad = [layer for layer in self.layers if layer not in nodes and not any(n.startswith(layer + ".") for n in nodes)]
+        if bad:
+            top = sorted({n.split(".")[0] for n in nodes})
+            raise ConfigError(f"layers {bad} not in backbone; top-level nodes: {', '.join(top)}")
+        self.body = create_feature_extractor(model, return_nodes={layer: layer for layer in self.layers})
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.body(x)
+
+
+def feature_extractor(arch: str, layers: Iterable[str], weights: str = "random", *, seed: int = 0,
+                      dataset: str | None = None, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """Convenience: build the backbone and wrap it; frozen, eval mode, on ``device``."""
+    model = build_backbone(arch, weights, seed=seed, dataset=dataset)
+    fx = FeatureExtractor(model, layers).to(device).eval()
+    for p in fx.parameters():
+        p.requires_grad_(False)
+    return fx
+
+
+def backbone_for_fit(arch: str, weights: str, pretrain_dir: Path | None, *, seed: int = 0,
+                     dataset: str | None = None) -> nn.Module:
+    """The backbone a fit stage uses: the one frozen by the pretrain stage when present, else built now."""
+    ckpt = Path(pretrain_dir) / "backbone.safetensors" if pretrain_dir else None
+    if ckpt is not None and ckpt.exists():
+        model = build_backbone(arch, "random", seed=seed)
+        model.load_state_dict(load_state_dict(ckpt))
+        return model.eval()
+    return build_backbone(arch, weights, seed=seed, dataset=dataset)
+
+
+def extractor_state(extractor: FeatureExtractor, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """The extractor's tensors under ``prefix`` (to store beside a fitted model's own tensors)."""
+    return {prefix + k: v for k, v in extractor.body.state_dict().items()}
+
+
+def extractor_from_state(arch: str, layers: Iterable[str], tensors: dict[str, torch.Tensor],
+                         prefix: str = "backbone.") -> FeatureExtractor:
+    """Rebuild a FeatureExtractor from ``extractor_state`` output (keys without ``prefix`` are ignored)."""
+    extractor = FeatureExtractor(build_backbone(arch, "random"), layers)
+    extractor.body.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return extractor.eval()

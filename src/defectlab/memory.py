@@ -1,0 +1,156 @@
+"""Shared memory-bank machinery: patch aggregation, coreset sampling, nearest-neighbour search,
+and turning patch scores into pixel maps.
+
+Used by PatchCore, APC (PatchCore on fine-tuned features), DS2-GDE and multi-scale patch SVDD.
+Everything is batched matrix work; loops run over chunks, never over individual points
+(except the greedy coreset's one argmax per selected point).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def local_patch_features(maps: list[torch.Tensor], *, patch_size: int = 3, out_dim: int | None = None) -> torch.Tensor:
+    """PatchCore's locally aware patch features.
+
+    Each feature map (B, C_l, H_l, W_l) is average-pooled over a ``patch_size`` neighbourhood
+    (stride 1, so the resolution is kept), resized to the first map's resolution, concatenated
+    along channels and, if ``out_dim`` is given, reduced to ``out_dim`` channels by adaptive
+    average pooling over the channel axis. Returns (B, H_0, W_0, D).
+    """
+    h0, w0 = maps[0].shape[-2:]
+    pooled = []
+    for fmap in maps:
+        fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False) if patch_size > 1 else fmap
+        if fmap.shape[-2:] != (h0, w0):
+            fmap = F.interpolate(fmap, size=(h0, w0), mode="bilinear", align_corners=False)
+        pooled.append(fmap)
+    feats = torch.cat(pooled, dim=1).permute(0, 2, 3, 1)  # B, H, W, C
+    if out_dim is not None and out_dim < feats.shape[-1]:
+        b, h, w, c = feats.shape
+        feats = F.adaptive_avg_pool1d(feats.reshape(-1, 1, c), out_dim).reshape(b, h, w, out_dim)
+    return feats.contiguous()
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (|a|² - 2ab + |b|²), clamped at 0."""
+    d = (a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]
+    return d.clamp_min_(0)
+
+
+def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128, n_starts: int = 1,
+                   seed: int = 0) -> torch.Tensor:
+    """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D).
+
+    As in PatchCore: features are first reduced by a Gaussian random projection to ``proj_dim``
+    (Johnson–Lindenstrauss) when that is smaller than D, then points are selected one at a time,
+    each the point farthest from the current coreset; the min-distance vector is updated with one
+    batched distance computation per selected point. ``proj_dim=None`` gives the exact greedy
+    selection in the original space.
+    """
+    num, dim = features.shape
+    n = int(min(max(n, 1), num))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = features.float()
+    if proj_dim is not None and proj_dim < dim:
+        proj = torch.randn(dim, proj_dim, generator=gen) / math.sqrt(proj_dim)
+        x = x @ proj.to(x.device)
+    start = torch.randint(num, (n_starts,), generator=gen).tolist()
+    min_d = torch.full((num,), float("inf"), device=x.device)
+    x_sq = (x * x).sum(1)
+    for s in start:
+        min_d = torch.minimum(min_d, (x_sq - 2 * x @ x[s] + x_sq[s]).clamp_min_(0))
+    selected = [start[0]]
+    min_d[start[0]] = 0
+    for _ in range(n - 1):
+        idx = int(torch.argmax(min_d))
+        selected.append(idx)
+        d = (x_sq - 2 * x @ x[idx] + x_sq[idx]).clamp_min_(0)
+        torch.minimum(min_d, d, out=min_d)
+    return torch.tensor(selected, dtype=torch.long)
+
+
+def coreset_coverage(features: torch.Tensor, indices: torch.Tensor) -> float:
+    """Largest distance from any point to its nearest coreset point (the k-center objective)."""
+    d, _ = knn(features, features[indices], k=1)
+    return float(d.max())
+
+
+class NearestNeighbourIndex:
+    """Exact (or approximate, via faiss) nearest-neighbour search over a memory bank.
+
+    ``backend='torch'`` computes distances by chunked matrix products on the bank's device;
+    ``backend='faiss'`` uses faiss' flat L2 index (exact) or, with ``approx`` set to e.g.
+    ``"IVF256,Flat"`` / ``"HNSW32"`` / ``"IVF256,PQ32"``, a faiss index-factory string.
+    """
+
+    def __init__(self, bank: torch.Tensor, *, backend: str = "torch", approx: str | None = None,
+                 chunk: int = 4096, nprobe: int = 16):
+        self.bank = bank.float().contiguous()
+        self.backend = "faiss" if approx else backend
+        self.chunk = chunk
+        self._index = None
+        if self.backend == "faiss":
+            import faiss
+
+            d = self.bank.shape[1]
+            index = faiss.index_factory(d, approx) if approx else faiss.IndexFlatL2(d)
+            data = self.bank.cpu().numpy()
+            if not index.is_trained:
+                index.train(data)
+            index.add(data)
+            if hasattr(index, "nprobe"):
+                index.nprobe = nprobe
+            self._index = index
+        elif self.backend != "torch":
+            raise ValueError(f"unknown kNN backend {backend!r} (torch or faiss)")
+
+    def search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean distances (not squared) and indices of the ``k`` nearest bank entries, (Q, k)."""
+        if self._index is not None:
+            d, i = self._index.search(query.detach().float().cpu().numpy(), k)
+            return torch.from_numpy(d).clamp_min_(0).sqrt_(), torch.from_numpy(i)
+        query = query.float().to(self.bank.device)
+        out_d, out_i = [], []
+        bank_sq = (self.bank * self.bank).sum(1)
+        for start in range(0, query.shape[0], self.chunk):
+            q = query[start:start + self.chunk]
+            d = ((q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + bank_sq[None]).clamp_min_(0)
+            dk, ik = torch.topk(d, k, dim=1, largest=False)
+            out_d.append(dk.sqrt_())
+            out_i.append(ik)
+        return torch.cat(out_d), torch.cat(out_i)
+
+
+def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot exact kNN (see NearestNeighbourIndex)."""
+    return NearestNeighbourIndex(bank, **kw).search(query, k)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of (B, H, W) maps with a kernel of radius 4σ (as in PatchCore/PaDiM)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = (k / k.sum())
+    m = maps[:, None]
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return m[:, 0]
+
+
+def patch_scores_to_maps(scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """Upsample (B, h, w) patch scores bilinearly to ``size`` and Gaussian-smooth them."""
+    maps = F.interpolate(scores[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

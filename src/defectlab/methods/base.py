@@ -1,0 +1,162 @@
+"""The contract every method implements, and the generic save / load / predict plumbing.
+
+A method is one module in ``defectlab.methods`` holding one ``AnomalyMethod`` subclass with a
+pydantic ``Config``. The pipeline calls, in order:
+
+1. ``pretrain(config, ctx)`` once per dataset (classmethod; optional — the default freezes the
+   configured backbone weights into the stage output so later stages are reproducible),
+2. ``fit(ctx)`` per category (memory bank, density or a trained network),
+3. ``predict(images)`` on batches of test images -> image scores and pixel maps.
+
+Fitted state is stored as ``model.safetensors`` (tensors) + ``model.json`` (config and metadata):
+no pickles, so a model file from elsewhere cannot execute code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from defectlab.config import StrictModel
+from defectlab.io import atomic_dir
+
+
+@dataclass
+class PretrainContext:
+    """What a dataset-level pretraining sees."""
+
+    dataset: str
+    data_root: Path               # prepared dataset root (MVTec layout, one folder per category)
+    categories: list[str]
+    out_dir: Path                  # write checkpoints here (a temp dir renamed into place by the stage)
+    image_size: int
+    seed: int
+    device: torch.device
+    synth_root: Path | None = None  # data/synth/<dataset> (one folder per category)
+    progress: bool = True
+
+
+@dataclass
+class FitContext:
+    """What a per-category fit sees."""
+
+    dataset: str
+    category: str
+    data: Any                      # defectlab.data.CategoryData
+    image_size: int
+    seed: int
+    device: torch.device
+    pretrain_dir: Path | None = None
+    synth_dir: Path | None = None
+    work_dir: Path | None = None   # scratch (checkpoints for resumable training)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class AnomalyMethod(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[StrictModel]]
+    #: True when ``pretrain`` trains something (the pretrain stage is then the expensive one).
+    trains_in_pretrain: ClassVar[bool] = False
+
+    def __init__(self, config: StrictModel, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.meta: dict[str, Any] = {}
+
+    # ---- pipeline hooks -------------------------------------------------------------------
+    @classmethod
+    def pretrain(cls, config: StrictModel, ctx: PretrainContext) -> dict:
+        """Dataset-level preparation. Default: freeze the backbone the config asks for."""
+        backbone = getattr(config, "backbone", None)
+        weights = getattr(config, "weights", "random")
+        if backbone is None:
+            return {"pretrain": "none"}
+        from defectlab.backbones import build_backbone, save_backbone
+
+        model = build_backbone(backbone, weights, seed=ctx.seed, dataset=ctx.dataset)
+        save_backbone(model, ctx.out_dir / "backbone.safetensors", backbone, {"weights": weights})
+        return {"backbone": backbone, "weights": weights}
+
+    @abstractmethod
+    def fit(self, ctx: FitContext) -> dict:
+        """Fit on the category's normal training images; return statistics worth logging."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score a batch (B, 3, H, W) of normalised images -> (scores (B,), maps (B, H, W))."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that make up the fitted model (for safetensors)."""
+
+    @abstractmethod
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from ``state_tensors`` output (``self.meta`` is already loaded)."""
+
+    # ---- generic plumbing -----------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
+            save_file(tensors, str(tmp / "model.safetensors"))
+            (tmp / "model.json").write_text(json.dumps(
+                {"method": self.name, "config": self.config.model_dump(mode="json"), "meta": self.meta},
+                indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> "AnomalyMethod":
+        from safetensors.torch import load_file
+
+        from defectlab.errors import ResourceMissingError
+
+        model_dir = Path(model_dir)
+        info_path = model_dir / "model.json"
+        if not info_path.exists():
+            raise ResourceMissingError(f"{model_dir}: no fitted model here (model.json missing); run the fit stage")
+        info = json.loads(info_path.read_text())
+        if info.get("method") != cls.name:
+            raise ResourceMissingError(f"{info_path}: holds a {info.get('method')!r} model, not {cls.name!r}")
+        method = cls(cls.Config.model_validate(info["config"]), device)
+        method.meta = info.get("meta", {})
+        method.load_tensors({k: v.to(device) for k, v in load_file(str(model_dir / "model.safetensors")).items()})
+        return method
+
+    @torch.no_grad()
+    def predict_loader(self, loader: DataLoader, progress: bool = False, desc: str = "score") -> dict[str, np.ndarray | list]:
+        """Run ``predict`` over a loader of ImageDataset items; gather scores, maps, labels, masks."""
+        from tqdm.auto import tqdm
+
+        scores, maps, labels, masks, paths, kinds, dtypes = [], [], [], [], [], [], []
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            s, m = self.predict(batch["image"].to(self.device))
+            scores.append(s.float().cpu().numpy())
+            maps.append(m.float().cpu().numpy())
+            labels.append(np.asarray(batch["label"]))
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            paths += list(batch["path"])
+            kinds += list(batch["kind"])
+            dtypes += list(batch["defect_type"])
+        return {
+            "scores": np.concatenate(scores), "maps": np.concatenate(maps), "labels": np.concatenate(labels),
+            "masks": np.concatenate(masks), "paths": paths, "kinds": kinds, "defect_types": dtypes,
+        }
+
+
+def make_loader(samples, size: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    """A deterministic DataLoader over ``defectlab.data.ImageDataset``."""
+    from defectlab.data import ImageDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ImageDataset(samples, size), batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      num_workers=num_workers)

@@ -1,0 +1,146 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Locally aware patch features from two mid-level backbone layers (3×3 neighbourhood average,
+deeper layer upsampled, channel-pooled to ``embed_dim``) form a memory bank of the normal
+training patches, subsampled by greedy k-center coreset selection on randomly projected
+features. A test patch's score is its distance to the nearest bank entry; the image score is
+the largest patch score, reweighted as in the paper (Eq. 7): w = 1 - softmax of the test patch's
+distances to the ``num_neighbors`` bank neighbours of its nearest bank entry. Pixel maps are the
+patch scores upsampled bilinearly and smoothed by a Gaussian (σ = 4).
+
+The bank can be built on any feature extractor (``FeatureExtractor``); APC reuses this class on
+its fine-tuned backbone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
+from defectlab.config import StrictModel
+from defectlab.memory import NearestNeighbourIndex, greedy_coreset, local_patch_features, patch_scores_to_maps
+from defectlab.methods.base import AnomalyMethod, FitContext, make_loader
+
+
+class PatchCoreConfig(StrictModel):
+    backbone: str = "resnet18"
+    weights: str = "random"
+    layers: list[str] = ["layer2", "layer3"]
+    patch_size: int = 3
+    embed_dim: int = 1024
+    coreset_ratio: float = 0.1
+    coreset_proj_dim: int | None = 128
+    num_neighbors: int = 9
+    sigma: float = 4.0
+    batch_size: int = 8
+    knn_backend: Literal["torch", "faiss"] = "torch"
+    knn_approx: str | None = None  # faiss index-factory string for very large banks
+
+
+class PatchCore(AnomalyMethod):
+    name = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig, device="cpu"):
+        super().__init__(config, device)
+        self.extractor: FeatureExtractor | None = None
+        self.bank: torch.Tensor | None = None
+        self._index: NearestNeighbourIndex | None = None
+
+    # -- features -------------------------------------------------------------------------
+    def set_extractor(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor.to(self.device).eval()
+
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h, w, D) locally aware patch features."""
+        feats = self.extractor(images.to(self.device))
+        return local_patch_features([feats[layer] for layer in self.config.layers],
+                                    patch_size=self.config.patch_size, out_dim=self.config.embed_dim)
+
+    # -- fit ------------------------------------------------------------------------------
+    def fit(self, ctx: FitContext) -> dict:
+        if self.extractor is None:
+            cfg = self.config
+            model = backbone_for_fit(cfg.backbone, cfg.weights, ctx.pretrain_dir, seed=ctx.seed, dataset=ctx.dataset)
+            self.set_extractor(FeatureExtractor(model, cfg.layers))
+        loader = make_loader(ctx.data.train, ctx.image_size, self.config.batch_size)
+        t0 = time.perf_counter()
+        bank = self.collect_patches(loader, progress=ctx.progress)
+        t_feat = time.perf_counter() - t0
+        n_patches = bank.shape[0]
+        n = max(1, int(round(self.config.coreset_ratio * n_patches)))
+        t0 = time.perf_counter()
+        if n < bank.shape[0]:
+            idx = greedy_coreset(bank.to(self.device), n, proj_dim=self.config.coreset_proj_dim, seed=ctx.seed)
+            bank = bank[idx.cpu()]
+        t_core = time.perf_counter() - t0
+        self.bank = bank.to(self.device)
+        self._index = None
+        self.meta.update({"image_size": ctx.image_size, "n_train_images": len(ctx.data.train)})
+        return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]),
+                "feature_seconds": t_feat, "coreset_seconds": t_core}
+
+    @torch.no_grad()
+    def collect_patches(self, loader, progress: bool = False) -> torch.Tensor:
+        """Stream the loader through the extractor into one preallocated (N·h·w, D) tensor."""
+        from tqdm.auto import tqdm
+
+        out, filled = None, 0
+        total = len(loader.dataset)
+        for batch in tqdm(loader, desc="patch features", disable=not progress, leave=False):
+            f = self.embed(batch["image"])
+            b, h, w, d = f.shape
+            if out is None:
+                out = torch.empty(total * h * w, d, dtype=torch.float32)
+            out[filled:filled + b * h * w] = f.reshape(-1, d).cpu()
+            filled += b * h * w
+        return out[:filled]
+
+    # -- predict --------------------------------------------------------------------------
+    @property
+    def index(self) -> NearestNeighbourIndex:
+        if self._index is None:
+            self._index = NearestNeighbourIndex(self.bank, backend=self.config.knn_backend, approx=self.config.knn_approx)
+        return self._index
+
+    @torch.no_grad()
+    def patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest-bank distances (B, h, w), nearest bank indices (B, h·w), and the features."""
+        f = self.embed(images)
+        b, h, w, d = f.shape
+        dist, idx = self.index.search(f.reshape(-1, d), k=1)
+        return dist[:, 0].reshape(b, h, w).to(self.device), idx[:, 0].reshape(b, h * w), f.reshape(b, h * w, d)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, nn_idx, feats = self.patch_scores(images)
+        b = scores.shape[0]
+        flat = scores.reshape(b, -1)
+        best = flat.argmax(1)
+        s_star = flat[torch.arange(b), best]
+        image_scores = s_star * self._reweight(feats[torch.arange(b), best], nn_idx[torch.arange(b), best.cpu()])
+        maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
+        return image_scores, maps
+
+    def _reweight(self, test_patch: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 7: w = 1 - exp(‖m_test - m*‖) / Σ_{m ∈ N_b(m*)} exp(‖m_test - m‖)."""
+        k = min(self.config.num_neighbors, self.bank.shape[0])
+        if k < 2:
+            return torch.ones(test_patch.shape[0], device=self.device)
+        m_star = self.bank[nearest.to(self.bank.device)]
+        _, support = self.index.search(m_star, k=k)          # N_b(m*), m* itself first
+        support_feats = self.bank[support.to(self.bank.device)]  # (B, k, D)
+        d = torch.linalg.vector_norm(support_feats - test_patch.to(self.bank.device)[:, None], dim=-1)
+        return (1 - torch.softmax(d, dim=1)[:, 0]).to(self.device)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank, **extractor_state(self.extractor)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.bank = tensors["bank"]
+        self.set_extractor(extractor_from_state(self.config.backbone, self.config.layers, tensors))
