@@ -40,6 +40,7 @@ class PretrainContext:
     seed: int
     device: torch.device
     synth_root: Path | None = None  # data/synth/<dataset> (one folder per category)
+    work_dir: Path | None = None    # scratch (checkpoints for resumable training)
     progress: bool = True
 
 

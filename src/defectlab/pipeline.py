@@ -1,0 +1,306 @@
+"""The pipeline's steps as library functions; ``stages/*.py`` are thin wrappers around them.
+
+Paths (relative to the repository root, see ARCHITECTURE.md):
+
+    data/prepared/<ds>/<cat>/            MVTec layout (+ data/prepared/<ds>/manifest.csv)
+    data/synth/<ds>/<cat>/               synthetic anomalies (images/, masks/, index.csv)
+    models/<method>/<ds>/pretrain/       dataset-level pretraining / frozen backbone
+    models/<method>/<ds>/<cat>/          fitted model (model.safetensors, model.json, fit.json)
+    metrics/<method>/<ds>/<cat>.json     evaluation metrics (DVC metrics)
+    plots/<method>/<ds>/<cat>/*.json     ROC / PR / PRO curves (DVC plots)
+    reports/maps/<method>/<ds>/<cat>/    heatmap overlays
+    reports/results.{md,csv,png}         the report
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defectlab.config import EvalParams, Params, SynthesisParams
+from defectlab.io import atomic_dir, write_json
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    def prepared(self, ds: str) -> Path:
+        return self.root / "data" / "prepared" / ds
+
+    def synth(self, ds: str, cat: str) -> Path:
+        return self.root / "data" / "synth" / ds / cat
+
+    def pretrain(self, method: str, ds: str) -> Path:
+        return self.root / "models" / method / ds / "pretrain"
+
+    def model(self, method: str, ds: str, cat: str) -> Path:
+        return self.root / "models" / method / ds / cat
+
+    def metrics(self, method: str, ds: str, cat: str) -> Path:
+        return self.root / "metrics" / method / ds / f"{cat}.json"
+
+    def plots(self, method: str, ds: str, cat: str) -> Path:
+        return self.root / "plots" / method / ds / cat
+
+    def maps(self, method: str, ds: str, cat: str) -> Path:
+        return self.root / "reports" / "maps" / method / ds / cat
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------
+def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
+    """Materialise a dataset in MVTec layout under data/prepared/<ds> and validate every category."""
+    from defectlab.data import scan_category
+
+    spec = params.dataset(dataset)
+    out = layout.prepared(dataset)
+    with atomic_dir(out) as tmp:
+        if spec.source == "demo":
+            from defectlab.data.demo import generate_demo
+
+            generate_demo(tmp, seed=params.seed, categories=spec.categories, **spec.generator)
+        else:
+            from defectlab.data.registry import prepare_dataset
+
+            prepare_dataset(spec.source, Path(spec.root or f"data/raw/{spec.source}"), tmp, download=spec.download)
+        rows = []
+        for cat in spec.categories:
+            data = scan_category(tmp, cat)
+            for split, samples in (("train", data.train), ("test", data.test), ("validation", data.validation)):
+                for s in samples:
+                    rows.append({"category": cat, "split": split, "path": s.path.relative_to(tmp).as_posix(),
+                                 "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
+                                 "masks": ";".join(m.relative_to(tmp).as_posix() for m in s.mask_paths),
+                                 "sha256": sha256_file(s.path)})
+        with open(tmp / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = {cat: {"train": sum(1 for r in rows if r["category"] == cat and r["split"] == "train"),
+                     "test": sum(1 for r in rows if r["category"] == cat and r["split"] == "test")}
+               for cat in spec.categories}
+    return summary
+
+
+def category_data(params: Params, dataset: str, category: str, layout: Layout = Layout()):
+    from defectlab.data import scan_category
+
+    spec = params.dataset(dataset)
+    if category not in spec.categories:
+        from defectlab.errors import ConfigError
+
+        raise ConfigError(f"unknown category {category!r} for dataset {dataset!r}; valid: {', '.join(spec.categories)}")
+    return scan_category(layout.prepared(dataset), category)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthesize
+# ---------------------------------------------------------------------------------------------
+def synthesize(params: Params, dataset: str, category: str, layout: Layout = Layout()) -> dict:
+    from defectlab.synthesis.cache import build_cache
+
+    spec = params.dataset(dataset)
+    sp = params.section("synthesis", "cache", SynthesisParams)
+    data = category_data(params, dataset, category, layout)
+    build_cache([s.path for s in data.train], layout.synth(dataset, category), n=sp.n, seed=params.seed,
+                image_size=sp.image_size, kinds=sp.kinds,
+                object_kind="texture" if category in spec.texture_categories else "object",
+                dtd_dir=Path(sp.dtd_dir) if sp.dtd_dir else None, params=sp.options)
+    return {"n": sp.n, "image_size": sp.image_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain / fit
+# ---------------------------------------------------------------------------------------------
+def load_method_config(params: Params, method: str):
+    from defectlab.methods import get_method
+
+    cls = get_method(method)
+    return cls, params.method(method, cls.Config)
+
+
+def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True) -> dict:
+    from defectlab.backbones import resolve_device
+    from defectlab.methods.base import PretrainContext
+
+    cls, cfg = load_method_config(params, method)
+    spec = params.dataset(dataset)
+    out = layout.pretrain(method, dataset)
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
+                              out_dir=tmp, image_size=spec.image_size, seed=params.seed,
+                              device=resolve_device(params.device), synth_root=layout.root / "data" / "synth" / dataset,
+                              progress=progress)
+        seed_everything(params.seed)
+        stats = cls.pretrain(cfg, ctx) or {}
+        stats["pretrain_seconds"] = time.perf_counter() - t0
+        write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
+    return stats
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def fit(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(), progress: bool = True):
+    """Fit one method on one category; returns (method instance, fit stats). Saves the model atomically."""
+    from defectlab.backbones import resolve_device
+    from defectlab.methods.base import FitContext
+
+    cls, cfg = load_method_config(params, method)
+    spec = params.dataset(dataset)
+    device = resolve_device(params.device)
+    data = category_data(params, dataset, category, layout)
+    pre = layout.pretrain(method, dataset)
+    synth = layout.synth(dataset, category)
+    ctx = FitContext(dataset=dataset, category=category, data=data, image_size=spec.image_size, seed=params.seed,
+                     device=device, pretrain_dir=pre if pre.exists() else None,
+                     synth_dir=synth if synth.exists() else None, progress=progress,
+                     extra={"object_kind": "texture" if category in spec.texture_categories else "object"})
+    seed_everything(params.seed)
+    model = cls(cfg, device)
+    t0 = time.perf_counter()
+    stats = model.fit(ctx) or {}
+    stats["fit_seconds"] = time.perf_counter() - t0
+    stats["peak_rss_mb_fit"] = peak_rss_mb()
+    model.meta["fit"] = stats
+    model.save(layout.model(method, dataset, category))
+    return model, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+def eval_samples(model, data) -> list:
+    """The category's test samples minus any the method trained on (``meta['exclude_from_eval']``,
+    e.g. APC's few labelled anomalies), so evaluation never sees training anomalies."""
+    excluded = {Path(p).name + "|" + Path(p).parent.name for p in model.meta.get("exclude_from_eval", [])}
+    return [s for s in data.test if f"{s.path.name}|{s.path.parent.name}" not in excluded]
+
+
+def score_category(model, data, image_size: int, batch_size: int, progress: bool = False) -> tuple[dict, float]:
+    """Run the model over the category's evaluation samples; returns (outputs, seconds of inference)."""
+    from defectlab.methods.base import make_loader
+
+    loader = make_loader(eval_samples(model, data), image_size, batch_size)
+    t0 = time.perf_counter()
+    out = model.predict_loader(loader, progress=progress, desc="evaluate")
+    return out, time.perf_counter() - t0
+
+
+def metrics_for(out: dict, ev: EvalParams) -> tuple[dict, dict]:
+    """All metrics (overall and per defect kind) and the curves for plots."""
+    from defectlab.metrics import compute_all, curves
+
+    labels, scores, masks, maps = out["labels"], out["scores"], out["masks"], out["maps"]
+    metrics = compute_all(labels, scores, masks, maps, max_fpr_pro=ev.max_fpr_pro)
+    kinds = np.asarray(out["kinds"])
+    for kind in sorted(set(kinds) - {"good"}):
+        sel = (kinds == "good") | (kinds == kind)
+        sub = compute_all(labels[sel], scores[sel], masks[sel], maps[sel], max_fpr_pro=ev.max_fpr_pro)
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            metrics[f"{key}_{kind}"] = sub.get(key)
+    return metrics, curves(labels, scores, masks, maps)
+
+
+def evaluate(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
+             progress: bool = True, model=None) -> dict:
+    from defectlab.backbones import resolve_device
+    from defectlab.methods import get_method
+    from defectlab.report import write_overlays
+
+    ev = params.section("evaluation", "eval", EvalParams)
+    spec = params.dataset(dataset)
+    device = resolve_device(params.device)
+    data = category_data(params, dataset, category, layout)
+    model_dir = layout.model(method, dataset, category)
+    if model is None:
+        model = get_method(method).load(model_dir, device)
+    out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
+    metrics, curve_data = metrics_for(out, ev)
+    fit_stats = model.meta.get("fit", {})
+    metrics.update({"fit_seconds": fit_stats.get("fit_seconds"), "inference_seconds": seconds,
+                    "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
+                    "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
+    write_json(layout.metrics(method, dataset, category), metrics)
+    with atomic_dir(layout.plots(method, dataset, category)) as tmp:
+        for name, rows in curve_data.items():
+            write_json(tmp / f"{name}.json", rows)
+    with atomic_dir(layout.maps(method, dataset, category)) as tmp:
+        write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark: one method on any MVTec-format folder, outside the DVC pipeline
+# ---------------------------------------------------------------------------------------------
+def benchmark(params: Params, method: str, root: Path, category: str, out_dir: Path, *,
+              image_size: int | None = None, progress: bool = True) -> dict:
+    """Fit + evaluate ``method`` on ``root/category``; write out_dir/metrics.json and out_dir/maps/."""
+    from defectlab.backbones import resolve_device
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext, PretrainContext
+    from defectlab.report import write_overlays
+
+    cls, cfg = load_method_config(params, method)
+    ev = params.section("evaluation", "eval", EvalParams)
+    device = resolve_device(params.device)
+    data = scan_category(root, category)
+    size = image_size or 256
+    seed_everything(params.seed)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        t0 = time.perf_counter()
+        pre = tmp / "pretrain"
+        pre.mkdir()
+        cls.pretrain(cfg, PretrainContext(dataset=root.name, data_root=root, categories=[category], out_dir=pre,
+                                          image_size=size, seed=params.seed, device=device, progress=progress))
+        model = cls(cfg, device)
+        ctx = FitContext(dataset=root.name, category=category, data=data, image_size=size, seed=params.seed,
+                         device=device, pretrain_dir=pre, progress=progress, work_dir=tmp)
+        stats = model.fit(ctx) or {}
+        fit_seconds = time.perf_counter() - t0
+        out, seconds = score_category(model, data, size, ev.batch_size, progress)
+        metrics, curve_data = metrics_for(out, ev)
+        metrics.update({"method": method, "category": category, "root": str(root), "image_size": size,
+                        "fit_seconds": fit_seconds, "fit_stats": stats, "inference_seconds": seconds,
+                        "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
+                        "device": str(device)})
+        (tmp / "maps").mkdir()
+        write_overlays(out, tmp / "maps", n=max(ev.n_overlays, 8), image_size=size)
+        write_json(tmp / "curves.json", curve_data)
+        write_json(tmp / "metrics.json", metrics)
+        import shutil
+
+        shutil.rmtree(pre)
+    return metrics

@@ -1,0 +1,163 @@
+"""Heatmap overlays, the results table (Markdown + CSV, with the papers' numbers where the
+dataset is the paper's) and a PNG gallery of example heatmaps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from defectlab.io import atomic_path, write_text
+
+METRIC_COLUMNS = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
+                  "spro", "image_auroc_structural", "image_auroc_logical"]
+COST_COLUMNS = ["fit_seconds", "images_per_second", "peak_rss_mb"]
+
+#: Published results (image AUROC / pixel AUROC, MVTec AD mean over 15 categories), for the
+#: report's "paper" column. Only filled where the dataset is the paper's.
+PAPER_NUMBERS: dict[tuple[str, str], dict[str, float]] = {
+    ("patchcore", "mvtec_ad"): {"image_auroc": 0.991, "pixel_auroc": 0.981},   # PatchCore-10%, Roth et al. 2022
+    ("padim", "mvtec_ad"): {"image_auroc": 0.953, "pixel_auroc": 0.975},       # PaDiM WRN-50, Defard et al. 2021
+}
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Map [0,1] values to RGB with matplotlib's 'jet' (imported lazily)."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def _mask_edges(mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    inner = m.copy()
+    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return m & ~inner
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, alpha: float = 0.5) -> np.ndarray:
+    """image uint8 HxWx3, heat in [0,1] HxW -> side-by-side [image | overlay with mask outline]."""
+    over = (image * (1 - alpha) + _colormap(heat) * alpha).astype(np.uint8)
+    if mask is not None and mask.any():
+        over[_mask_edges(mask)] = 255
+    return np.concatenate([image, over], axis=1)
+
+
+def pick_examples(labels: np.ndarray, kinds: list[str], n: int) -> list[int]:
+    """Deterministic selection: anomalous images of each kind in turn, then good ones."""
+    anomalous = [i for i in range(len(labels)) if labels[i] == 1]
+    good = [i for i in range(len(labels)) if labels[i] == 0]
+    by_kind: dict[str, list[int]] = {}
+    for i in anomalous:
+        by_kind.setdefault(kinds[i], []).append(i)
+    chosen: list[int] = []
+    n_anom = max(n - max(n // 4, 1), 0) if good else n
+    while len(chosen) < min(n_anom, len(anomalous)):
+        for kind in sorted(by_kind):
+            if by_kind[kind] and len(chosen) < n_anom:
+                chosen.append(by_kind[kind].pop(0))
+    chosen += good[: n - len(chosen)]
+    return chosen
+
+
+def write_overlays(out: dict, out_dir: Path, n: int, image_size: int) -> list[Path]:
+    """Write up to ``n`` heatmap overlays (name: <defect_type>_<stem>.png) into ``out_dir``."""
+    from defectlab.data import load_image
+
+    maps = out["maps"]
+    lo, hi = float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
+    written = []
+    for i in pick_examples(out["labels"], out["kinds"], n):
+        path = Path(out["paths"][i])
+        image = (load_image(path, image_size) * 255).astype(np.uint8)
+        heat = (maps[i] - lo) / max(hi - lo, 1e-12)
+        png = overlay(image, heat, out["masks"][i])
+        target = out_dir / f"{out['defect_types'][i]}_{path.stem}.png"
+        Image.fromarray(png).save(target)
+        written.append(target)
+    return written
+
+
+def collect(metrics_root: Path) -> list[dict]:
+    """Rows {method, dataset, category, **metrics} from metrics/<method>/<ds>/<cat>.json."""
+    rows = []
+    for path in sorted(metrics_root.glob("*/*/*.json")):
+        method, dataset, category = path.parts[-3], path.parts[-2], path.stem
+        rows.append({"method": method, "dataset": dataset, "category": category, **json.loads(path.read_text())})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Markdown table (one row per method × category, plus per-method means) and CSV rows."""
+    cols = [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)] + COST_COLUMNS
+    csv_rows = []
+    for r in rows:
+        csv_rows.append({k: r.get(k) for k in ("method", "dataset", "category", *cols)})
+    means = []
+    for (method, dataset) in sorted({(r["method"], r["dataset"]) for r in rows}):
+        sel = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
+        mean = {"method": method, "dataset": dataset, "category": "**mean**"}
+        for c in cols:
+            vals = [r[c] for r in sel if r.get(c) is not None]
+            mean[c] = float(np.mean(vals)) if vals else None
+        paper = PAPER_NUMBERS.get((method, dataset))
+        mean["paper"] = ", ".join(f"{k} {v:.3f}" for k, v in paper.items()) if paper else "—"
+        means.append(mean)
+    header = ["method", "dataset", "category", *cols, "paper"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(csv_rows, key=lambda r: (r["dataset"], r["method"], r["category"])) + means:
+        lines.append("| " + " | ".join(_fmt(r.get(h)) if h != "paper" else r.get("paper", "") for h in header) + " |")
+    return "\n".join(lines), csv_rows
+
+
+def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 128) -> None:
+    """One row per method/dataset/category with its first ``per_row`` overlays."""
+    rows = []
+    for cat_dir in sorted(p for p in maps_root.glob("*/*/*") if p.is_dir()):
+        files = sorted(cat_dir.glob("*.png"))[:per_row]
+        if not files:
+            continue
+        tiles = [np.asarray(Image.open(f).convert("RGB").resize((2 * tile, tile))) for f in files]
+        tiles += [np.zeros_like(tiles[0])] * (per_row - len(tiles))
+        label = np.full((tile, tile // 2, 3), 32, np.uint8)
+        rows.append((cat_dir.relative_to(maps_root).as_posix(), np.concatenate([label, *tiles], axis=1)))
+    if not rows:
+        return
+    from PIL import ImageDraw
+
+    img = Image.fromarray(np.concatenate([r for _, r in rows], axis=0))
+    draw = ImageDraw.Draw(img)
+    for k, (name, _) in enumerate(rows):
+        for j, part in enumerate(name.split("/")):
+            draw.text((2, k * tile + 4 + 12 * j), part[:10], fill=(255, 255, 255))
+    with atomic_path(out_png) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Path:
+    rows = collect(root / "metrics")
+    table, csv_rows = results_table(rows)
+    md = ["# defectlab results", "",
+          "One row per method × category (test split), then per-method means with the paper's figure where the "
+          "dataset is the paper's. Costs: fit_seconds (feature extraction + fit), images_per_second (inference), "
+          "peak_rss_mb (evaluate process).", "", table, "", "![heatmaps](results.png)", ""]
+    write_text(out_dir / "results.md", "\n".join(md))
+    with atomic_path(out_dir / "results.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            if csv_rows:
+                w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+                w.writeheader()
+                w.writerows(csv_rows)
+    gallery(out_dir / "maps", out_dir / "results.png")
+    return out_dir / "results.md"

@@ -1,0 +1,193 @@
+"""MLflow tracking: one run per stage execution.
+
+- Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else params ``tracking.uri``, else a local
+  SQLite store in the repository (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``) — a
+  database store, so the model registry (aliases ``champion`` / ``challenger``) works locally.
+- Experiment per dataset; run name ``<stage>/<method>/<category>``; tags for method, dataset,
+  category, profile, stage, DVC stage name, git commit, seed and library versions.
+- A remote server that cannot be reached fails fast (a few seconds) with a clear message, or —
+  with ``tracking.fallback_local: true`` — falls back to the local store, never hangs.
+- ``DEFECTLAB_TRACKING=off`` disables tracking (for unit tests of other modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from defectlab.errors import DefectlabError
+
+LOCAL_URI = "sqlite:///mlflow.db"
+LOCAL_ARTIFACTS = "mlartifacts"
+
+
+class TrackingError(DefectlabError, RuntimeError):
+    """The tracking server is unusable."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(root: str | Path = ".") -> tuple[str, bool]:
+    """(commit sha or 'unknown', dirty flag)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return sha or "unknown", dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchvision
+
+    import defectlab
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "defectlab": defectlab.__version__}
+
+
+def tracking_uri(config: dict | None = None) -> str:
+    config = config or {}
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.get("uri") or LOCAL_URI
+
+
+def _check_reachable(uri: str, timeout: float) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)  # noqa: S310 - user-configured URI
+    except Exception as err:  # noqa: BLE001 - any failure means unusable
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({err}); start it, unset MLFLOW_TRACKING_URI, "
+                            f"or set tracking.fallback_local: true in params.yaml") from None
+
+
+def setup(config: dict | None = None) -> str | None:
+    """Configure mlflow; returns the URI in use, or None when tracking is disabled."""
+    if os.environ.get("DEFECTLAB_TRACKING", "on").lower() in ("off", "0", "false"):
+        return None
+    import mlflow
+
+    config = config or {}
+    uri = tracking_uri(config)
+    try:
+        _check_reachable(uri, float(config.get("timeout_s", 5)))
+    except TrackingError:
+        if not config.get("fallback_local", False):
+            raise
+        uri = LOCAL_URI
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.get("timeout_s", 5)) * 2))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment(name: str) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    location = Path(LOCAL_ARTIFACTS).resolve().as_uri() + f"/{name}" if uri.startswith("sqlite") else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+class StageRun:
+    """Thin wrapper handed to stage code; every method is a no-op when tracking is off."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def log_params(self, params: dict) -> None:
+        if self.run:
+            import mlflow
+
+            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict, prefix: str = "") -> None:
+        if self.run:
+            import mlflow
+
+            clean = {f"{prefix}{k}": float(v) for k, v in flatten(metrics).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+            if clean:
+                mlflow.log_metrics(clean)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run:
+            import mlflow
+
+            path = Path(path)
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path)
+            elif path.exists():
+                mlflow.log_artifact(str(path), artifact_path)
+
+    def register_model(self, name: str, artifact_path: str = "model", tags: dict | None = None) -> str | None:
+        """Register the run's ``artifact_path`` as a new version of model ``name``; returns the version."""
+        if not self.run:
+            return None
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        try:
+            client.create_registered_model(name)
+        except Exception:  # already exists
+            pass
+        source = f"{self.run.info.artifact_uri}/{artifact_path}"
+        mv = client.create_model_version(name, source, run_id=self.run_id, tags=tags or {})
+        return mv.version
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, *, dataset: str, method: str | None = None, category: str | None = None,
+              profile: str | None = None, seed: int | None = None, params: dict | None = None,
+              config: dict | None = None, dvc_stage: str | None = None) -> Iterator[StageRun]:
+    """Open an MLflow run for one stage execution (or a no-op when tracking is disabled)."""
+    if setup(config) is None:
+        yield StageRun(None)
+        return
+    import mlflow
+
+    commit, dirty = git_commit()
+    tags = {"stage": stage, "dataset": dataset, "method": method or "", "category": category or "",
+            "profile": profile or "", "seed": str(seed), "git.commit": commit, "git.dirty": str(dirty),
+            "dvc.stage": dvc_stage or stage, **{f"version.{k}": v for k, v in versions().items()}}
+    name = "/".join(x for x in (stage, method, category) if x)
+    with mlflow.start_run(experiment_id=_experiment(dataset), run_name=name, tags=tags) as run:
+        sr = StageRun(run)
+        if params:
+            sr.log_params(params)
+        yield sr

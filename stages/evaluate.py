@@ -1,0 +1,25 @@
+"""DVC stage: score one category's test set with a fitted model; write metrics, curves and overlays."""
+
+import argparse
+
+from defectlab import pipeline
+from defectlab.stagekit import run_stage
+
+ap = argparse.ArgumentParser(description=__doc__)
+ap.add_argument("--method", required=True)
+ap.add_argument("--dataset", required=True)
+ap.add_argument("--category", required=True)
+args = ap.parse_args()
+
+
+def body(params, run):
+    layout = pipeline.Layout()
+    _, cfg = pipeline.load_method_config(params, args.method)
+    run.log_params({"method": cfg.model_dump(mode="json")})
+    metrics = pipeline.evaluate(params, args.method, args.dataset, args.category, layout)
+    run.log_artifacts(layout.maps(args.method, args.dataset, args.category), "heatmaps")
+    run.log_artifacts(layout.plots(args.method, args.dataset, args.category), "curves")
+    return metrics
+
+
+run_stage("evaluate", body, dataset=args.dataset, method=args.method, category=args.category)

@@ -1,0 +1,20 @@
+"""DVC stage: materialise a dataset (generate the demo set or convert a public one) in MVTec layout."""
+
+import argparse
+
+from defectlab import pipeline
+from defectlab.stagekit import run_stage
+
+ap = argparse.ArgumentParser(description=__doc__)
+ap.add_argument("--dataset", required=True)
+args = ap.parse_args()
+
+
+def body(params, run):
+    summary = pipeline.prepare(params, args.dataset)
+    run.log_params({"dataset": params.dataset(args.dataset).model_dump()})
+    run.log_artifacts(pipeline.Layout().prepared(args.dataset) / "manifest.csv")
+    return {f"{cat}.{k}": v for cat, d in summary.items() for k, v in d.items()}
+
+
+run_stage("prepare", body, dataset=args.dataset)

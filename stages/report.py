@@ -1,0 +1,16 @@
+"""DVC stage: results table (Markdown + CSV) and heatmap gallery from every evaluated category."""
+
+from defectlab import report
+from defectlab.stagekit import run_stage
+
+
+def body(params, run):
+    path = report.build_report()
+    run.log_artifacts(path)
+    run.log_artifacts(path.with_suffix(".csv"))
+    run.log_artifacts(path.with_suffix(".png"))
+    print(f"results table: {path.resolve()}")
+    return {}
+
+
+run_stage("report", body, dataset="all")
