@@ -18,7 +18,8 @@ def body(params, run):
     run.log_params({"method": cfg.model_dump(mode="json")})
     metrics = pipeline.evaluate(params, args.method, args.dataset, args.category, layout)
     run.log_artifacts(layout.maps(args.method, args.dataset, args.category), "heatmaps")
-    run.log_artifacts(layout.plots(args.method, args.dataset, args.category), "curves")
+    for curve in pipeline.CURVES:
+        run.log_artifacts(layout.plot(curve, args.method, args.dataset, args.category), f"curves/{curve}")
     return metrics
 
 

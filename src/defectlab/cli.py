@@ -79,6 +79,28 @@ def prepare(
     typer.echo(f"prepared {name} in {out}")
 
 
+@app.command("download")
+def download_cmd(
+    name: str = typer.Argument(..., help="registry name, e.g. mvtec_ad (see `defectlab datasets`)"),
+    raw_dir: Path = typer.Option(..., help="where the archives go; extracted to RAW_DIR/extracted/NAME"),
+    out: Optional[Path] = typer.Option(None, help="also convert to MVTec layout in OUT"),
+    insecure_skip_checksum: bool = typer.Option(
+        False, "--insecure-skip-checksum", help="accept an archive that has no published checksum (unsafe)"),
+) -> None:
+    """Download (resuming), verify the checksum, extract safely and optionally convert a dataset."""
+    from defectlab.data.registry import fetch_dataset, prepare_dataset
+
+    try:
+        if out is None:
+            where = fetch_dataset(name, raw_dir, download=True, insecure_skip_checksum=insecure_skip_checksum)
+            typer.echo(f"{name} ready in {where}")
+        else:
+            prepare_dataset(name, raw_dir, out, download=True, insecure_skip_checksum=insecure_skip_checksum)
+            typer.echo(f"prepared {name} in {out}")
+    except DefectlabError as err:
+        _fail(err)
+
+
 @app.command("generate-demo")
 def generate_demo_cmd(out: Path = typer.Argument(...), seed: int = 0, image_size: int = 128) -> None:
     """Write the embedded demo dataset (MVTec layout) to OUT."""

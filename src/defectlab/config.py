@@ -43,6 +43,7 @@ class DatasetParams(StrictModel):
     image_size: int = Field(128, ge=16, le=2048)
     generator: dict[str, Any] = Field(default_factory=dict)
     download: bool = False
+    insecure_skip_checksum: bool = Field(False, description="accept an archive that has no published checksum")
 
 
 class SynthesisParams(StrictModel):

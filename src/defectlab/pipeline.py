@@ -7,7 +7,7 @@ Paths (relative to the repository root, see ARCHITECTURE.md):
     models/<method>/<ds>/pretrain/       dataset-level pretraining / frozen backbone
     models/<method>/<ds>/<cat>/          fitted model (model.safetensors, model.json, fit.json)
     metrics/<method>/<ds>/<cat>.json     evaluation metrics (DVC metrics)
-    plots/<method>/<ds>/<cat>/*.json     ROC / PR / PRO curves (DVC plots)
+    plots/<curve>/<method>/<ds>/<cat>.json  ROC / PR / PRO curves (DVC plots; curve in CURVES)
     reports/maps/<method>/<ds>/<cat>/    heatmap overlays
     reports/results.{md,csv,png}         the report
 """
@@ -26,6 +26,10 @@ import numpy as np
 
 from defectlab.config import EvalParams, Params, SynthesisParams
 from defectlab.io import atomic_dir, write_json
+
+
+#: the curves the evaluate stage writes for `dvc plots` (see metrics.curves)
+CURVES = ("roc_image", "pr_image", "roc_pixel", "pr_pixel", "pro")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ class Layout:
     def metrics(self, method: str, ds: str, cat: str) -> Path:
         return self.root / "metrics" / method / ds / f"{cat}.json"
 
-    def plots(self, method: str, ds: str, cat: str) -> Path:
-        return self.root / "plots" / method / ds / cat
+    def plot(self, curve: str, method: str, ds: str, cat: str) -> Path:
+        return self.root / "plots" / curve / method / ds / f"{cat}.json"
 
     def maps(self, method: str, ds: str, cat: str) -> Path:
         return self.root / "reports" / "maps" / method / ds / cat
@@ -72,7 +76,7 @@ def sha256_file(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
     """Materialise a dataset in MVTec layout under data/prepared/<ds> and validate every category."""
-    from defectlab.data import scan_category
+    from defectlab.data import scan_category, verify_samples
 
     spec = params.dataset(dataset)
     out = layout.prepared(dataset)
@@ -84,10 +88,12 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
         else:
             from defectlab.data.registry import prepare_dataset
 
-            prepare_dataset(spec.source, Path(spec.root or f"data/raw/{spec.source}"), tmp, download=spec.download)
+            prepare_dataset(spec.source, Path(spec.root or f"data/raw/{spec.source}"), tmp, download=spec.download,
+                            insecure_skip_checksum=spec.insecure_skip_checksum)
         rows = []
         for cat in spec.categories:
             data = scan_category(tmp, cat)
+            verify_samples([*data.train, *data.validation, *data.test])   # decode every file once: fail here, not later
             for split, samples in (("train", data.train), ("test", data.test), ("validation", data.validation)):
                 for s in samples:
                     rows.append({"category": cat, "split": split, "path": s.path.relative_to(tmp).as_posix(),
@@ -218,12 +224,38 @@ def score_category(model, data, image_size: int, batch_size: int, progress: bool
     return out, time.perf_counter() - t0
 
 
-def metrics_for(out: dict, ev: EvalParams) -> tuple[dict, dict]:
+def defects_for_spro(samples, size: int) -> list[list[tuple[np.ndarray, float]]]:
+    """Per test image, its annotated defects as (mask at ``size``, saturation area in pixels):
+    MVTec LOCO's per-defect masks with the saturation thresholds of its defects_config.json;
+    elsewhere each defect's saturation area is its own area (sPRO then reduces to a per-defect PRO)."""
+    from defectlab.data import load_defect_masks, load_defects_config
+
+    configs: dict[Path, dict] = {}
+    out = []
+    for s in samples:
+        if s.mask_paths:
+            cat_dir = s.path.parent.parent.parent          # <cat>/test/<defect>/<image>
+            if cat_dir not in configs:
+                configs[cat_dir] = load_defects_config(cat_dir)
+            out.append(load_defect_masks(s, configs[cat_dir], size))
+        else:
+            out.append([])
+    return out
+
+
+def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None) -> tuple[dict, dict]:
     """All metrics (overall and per defect kind) and the curves for plots."""
-    from defectlab.metrics import compute_all, curves
+    from defectlab.metrics import compute_all, curves, spro
 
     labels, scores, masks, maps = out["labels"], out["scores"], out["masks"], out["maps"]
     metrics = compute_all(labels, scores, masks, maps, max_fpr_pro=ev.max_fpr_pro)
+    if samples is not None and metrics.get("pixel_auroc") is not None:
+        defects = defects_for_spro(samples, size or maps.shape[-1])
+        metrics["spro"] = spro(defects, maps, max_fpr=ev.max_fpr_spro)
+        kinds_ = np.asarray(out["kinds"])
+        for kind in sorted(set(kinds_) - {"good"}):
+            sel = [i for i, k in enumerate(kinds_) if k in ("good", kind)]
+            metrics[f"spro_{kind}"] = spro([defects[i] for i in sel], maps[sel], max_fpr=ev.max_fpr_spro)
     kinds = np.asarray(out["kinds"])
     for kind in sorted(set(kinds) - {"good"}):
         sel = (kinds == "good") | (kinds == kind)
@@ -247,15 +279,14 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     if model is None:
         model = get_method(method).load(model_dir, device)
     out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
-    metrics, curve_data = metrics_for(out, ev)
+    metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size)
     fit_stats = model.meta.get("fit", {})
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"), "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
     write_json(layout.metrics(method, dataset, category), metrics)
-    with atomic_dir(layout.plots(method, dataset, category)) as tmp:
-        for name, rows in curve_data.items():
-            write_json(tmp / f"{name}.json", rows)
+    for curve in CURVES:   # every curve file exists (empty when the curve is undefined, e.g. one class)
+        write_json(layout.plot(curve, method, dataset, category), curve_data.get(curve, []))
     with atomic_dir(layout.maps(method, dataset, category)) as tmp:
         write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
     return metrics
@@ -291,7 +322,7 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         stats = model.fit(ctx) or {}
         fit_seconds = time.perf_counter() - t0
         out, seconds = score_category(model, data, size, ev.batch_size, progress)
-        metrics, curve_data = metrics_for(out, ev)
+        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), size)
         metrics.update({"method": method, "category": category, "root": str(root), "image_size": size,
                         "fit_seconds": fit_seconds, "fit_stats": stats, "inference_seconds": seconds,
                         "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
