@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from defectlab.config import Params
 from defectlab.errors import DefectlabError
+
+
+@contextlib.contextmanager
+def stage_lock(name: str, lock_dir: str | Path = ".dvc/tmp/defectlab-locks"):
+    """One process at a time per stage (e.g. a scheduled retrain and a manual `dvc repro`): the
+    second one says what it waits for, then waits; outputs are atomic either way."""
+    from filelock import FileLock, Timeout
+
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / f"{name.replace('/', '_')}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for {lock.lock_file}: another process is running stage {name}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, dataset: str,
@@ -23,7 +45,7 @@ def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, da
     try:
         params = Params.load(params_file)
         dvc_stage = stage + "@" + "-".join(x for x in (method, dataset, category) if x)
-        with tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
+        with stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, params={"profile": params.profile, "seed": params.seed,
                                                           "device": params.device, **(log_params or {})},
                                 config=params.tracking, dvc_stage=dvc_stage) as run:
