@@ -62,6 +62,19 @@ def test_approximate_coreset_covers_nearly_as_well_as_exact():
     # every cluster is represented
     sel = greedy_coreset(x, 150, proj_dim=128)
     assert len(sel.unique()) == 150
+    # batched rounds (the fast path) make exactly the one-at-a-time greedy's picks
+    for batch in (8, 32):
+        assert greedy_coreset(x, 150, proj_dim=128, batch=batch).tolist() == sel.tolist()
+        assert greedy_coreset(x, 150, proj_dim=None, batch=batch, candidates=2).tolist() == \
+            greedy_coreset(x, 150, proj_dim=None).tolist()
+
+
+def test_batched_coreset_on_separated_clusters_takes_one_point_per_cluster_first():
+    g = torch.Generator().manual_seed(4)
+    centres = torch.eye(64)[:20] * 100                  # 20 far-apart clusters
+    x = centres.repeat_interleave(30, 0) + torch.randn(600, 64, generator=g) * 0.1
+    sel = greedy_coreset(x, 20, proj_dim=None, batch=8)
+    assert sorted(set((sel // 30).tolist())) == list(range(20))
 
 
 def test_local_patch_features_shapes_and_neighbourhood_average():

@@ -53,6 +53,49 @@ def benchmark(
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'maps'}/")
 
 
+@app.command()
+def bench(
+    root: Optional[Path] = typer.Option(None, help="MVTec-format folder (default: generate demo data)"),
+    category: str = typer.Option("grain", help="category under ROOT (or demo category)"),
+    image_size: int = typer.Option(192, help="image side in pixels"),
+    n_train: int = typer.Option(60, help="demo training images (ignored with --root)"),
+    backbone: str = typer.Option("resnet18"),
+    weights: str = typer.Option("random", help="random | imagenet | ds2 | PATH"),
+    layers: str = typer.Option("layer2,layer3"),
+    coreset_ratio: float = typer.Option(0.1),
+    device: str = typer.Option("auto"),
+    exact: bool = typer.Option(True, help="also time exact (one-at-a-time, unprojected) greedy coreset"),
+    bank: Optional[str] = typer.Option(None, help="also test an approximate faiss index on a random N,D bank, e.g. 1000000,1024"),
+    index: str = typer.Option("IVF1024,SQ8", help="faiss index-factory string for --bank"),
+    out: Path = typer.Option(Path("reports/bench.json"), help="write the figures here (JSON; a .md table beside it)"),
+) -> None:
+    """Speed/memory figures of the memory-bank path as ratios to the backbone's forward time."""
+    import tempfile
+
+    from defectlab import bench as B
+    from defectlab.io import write_json, write_text
+
+    try:
+        if root is None:
+            tmp = Path(tempfile.mkdtemp(prefix="defectlab-bench-"))
+            data = B.demo_data(tmp, image_size, n_train, category)
+        else:
+            from defectlab.data import scan_category
+
+            data = scan_category(root, category)
+        result = {"patchcore": B.bench_patchcore(data, image_size=image_size, backbone=backbone, weights=weights,
+                                                 layers=layers.split(","), coreset_ratio=coreset_ratio,
+                                                 device=device, exact=exact)}
+        if bank:
+            n, d = (int(v) for v in bank.split(","))
+            result["large_bank"] = B.bench_large_bank(n, d, index=index)
+    except DefectlabError as err:
+        _fail(err)
+    write_json(out, result)
+    write_text(out.with_suffix(".md"), "\n\n".join(f"### {k}\n\n{B.format_table(v)}" for k, v in result.items()) + "\n")
+    typer.echo(out.with_suffix(".md").read_text())
+
+
 @app.command("datasets")
 def datasets_cmd() -> None:
     """List the dataset registry (name, license, download source)."""
@@ -116,6 +159,77 @@ def report(root: Path = Path("."), out: Path = Path("reports")) -> None:
     from defectlab.report import build_report
 
     typer.echo(f"results table: {build_report(root, out).resolve()}")
+
+
+# ---- Prefect flows (pipelines/): reproduce, retrain, inspect ---------------------------------
+def _flows(root: Path):
+    """Import pipelines/ from the project root (it lives next to dvc.yaml, not in the package)."""
+    root = root.resolve()
+    if not (root / "pipelines" / "reproduce.py").exists():
+        _fail(DefectlabError(f"{root}: no pipelines/ folder here; run from the project root or pass --root"))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import os
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)  # Dask workers
+    return root
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    root: Path = typer.Option(Path("."), help="project root (dvc.yaml, params.yaml)"),
+    stage: Optional[list[str]] = typer.Option(None, help="only these stages and their upstream (repeatable)"),
+    force: bool = typer.Option(False, help="rerun stages even when DVC says they are up to date"),
+    dask_address: Optional[str] = typer.Option(None, help="run stages on this Dask scheduler (tcp://host:8786)"),
+    dask_workers: Optional[int] = typer.Option(None, help="run stages on a local Dask cluster of N processes"),
+) -> None:
+    """Run the DVC pipeline as a Prefect flow, one task per stage (retries, resume, optional Dask)."""
+    root = _flows(root)
+    from pipelines.reproduce import reproduce
+
+    summary = reproduce(str(root), stages=stage or None, force=force, dask_address=dask_address,
+                        dask_workers=dask_workers)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("retrain")
+def retrain_cmd(
+    dataset: str = typer.Option(..., help="dataset name in params.yaml"),
+    category: str = typer.Option(..., help="category whose incoming folder is picked up"),
+    method: Optional[str] = typer.Option(None, help="method (default: params flows.retrain.method)"),
+    root: Path = typer.Option(Path("."), help="project root"),
+    serve: bool = typer.Option(False, "--serve", help="serve on a schedule instead of running once"),
+    cron: Optional[str] = typer.Option(None, help='schedule for --serve, e.g. "0 3 * * *" (default: params)'),
+) -> None:
+    """Validate new normal images, retrain, promote the challenger to `champion` unless worse by > margin."""
+    root = _flows(root)
+    from pipelines.retrain import retrain_flow, serve as serve_flow
+
+    if serve:
+        serve_flow(dataset, category, method, str(root), cron)
+        return
+    result = retrain_flow(dataset=dataset, category=category, method=method, root=str(root))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of images to score"),
+    dataset: str = typer.Option(...),
+    category: str = typer.Option(...),
+    method: Optional[str] = typer.Option(None, help="method (default: params flows.retrain.method)"),
+    root: Path = typer.Option(Path("."), help="project root"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default reports/inspect/<ds>/<cat>/<time>)"),
+    alias: str = typer.Option("champion", help="registry alias of the model to use"),
+) -> None:
+    """Score a folder with the category's champion: predictions.csv (path, score, label) + heatmaps."""
+    root = _flows(root)
+    from pipelines.inspect import inspect_flow
+
+    result = inspect_flow(folder=str(folder), dataset=dataset, category=category, method=method, root=str(root),
+                          out=str(out) if out else None, alias=alias)
+    result.pop("rows", None)
+    typer.echo(json.dumps(result, indent=2, default=str))
 
 
 def main() -> None:  # pragma: no cover

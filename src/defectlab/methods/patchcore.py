@@ -33,6 +33,7 @@ class PatchCoreConfig(StrictModel):
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     coreset_proj_dim: int | None = 128
+    coreset_batch: int = 32       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
     num_neighbors: int = 9
     sigma: float = 4.0
     batch_size: int = 8
@@ -75,7 +76,8 @@ class PatchCore(AnomalyMethod):
         n = max(1, int(round(self.config.coreset_ratio * n_patches)))
         t0 = time.perf_counter()
         if n < bank.shape[0]:
-            idx = greedy_coreset(bank.to(self.device), n, proj_dim=self.config.coreset_proj_dim, seed=ctx.seed)
+            idx = greedy_coreset(bank.to(self.device), n, proj_dim=self.config.coreset_proj_dim, seed=ctx.seed,
+                                 batch=self.config.coreset_batch)
             bank = bank[idx.cpu()]
         t_core = time.perf_counter() - t0
         self.bank = bank.to(self.device)
