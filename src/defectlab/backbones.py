@@ -28,8 +28,9 @@ ARCHS = {
     "vgg16": ("vgg16", "VGG16_Weights"),
 }
 
-#: Where the DS2 pretrain stage writes its backbone, relative to the repository root.
-DS2_CHECKPOINT = "models/ds2/{dataset}/pretrain/backbone.safetensors"
+#: Where the `backbone` stage (DS2 dense self-supervised pretraining on the dataset's own normal
+#: images) writes the backbone every method can start from (`weights: ds2`), relative to the repo root.
+DS2_CHECKPOINT = "models/backbone/{dataset}/ds2/backbone.safetensors"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -107,8 +108,8 @@ def build_backbone(arch: str, weights: str = "random", *, seed: int = 0, dataset
         path = Path(weights[4:]) if weights.startswith("ds2:") else Path(DS2_CHECKPOINT.format(dataset=dataset or "demo"))
         if not path.exists():
             raise ResourceMissingError(
-                f"{path}: DS2 checkpoint not found; run `dvc repro ds2_pretrain` (or the pretrain stage of "
-                f"method ds2) first, or choose weights: random / imagenet / a file path"
+                f"{path}: DS2 checkpoint not found; run `dvc repro backbone@{dataset or 'demo'}` first "
+                f"(DS2 pretraining on the dataset's normal images), or choose weights: random / imagenet / a file path"
             )
     else:
         path = Path(weights)

@@ -62,11 +62,10 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
     """
     num, dim = features.shape
     n = int(min(max(n, 1), num))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     x = features.float()
     if proj_dim is not None and proj_dim < dim:
-        proj = torch.randn(dim, proj_dim, generator=gen) / math.sqrt(proj_dim)
-        x = x @ proj.to(x.device)
+        x = x @ random_projection(dim, proj_dim, seed).to(x.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = x.contiguous()
     x_sq = (x * x).sum(1)
     start = torch.randint(num, (n_starts,), generator=gen).tolist()
@@ -107,6 +106,60 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
         part = torch.addmm(x_sq[picks_t][None], x, x[picks_t].T, alpha=-2)
         torch.minimum(min_d, (part.min(1).values + x_sq).clamp_min_(0), out=min_d)
     return torch.tensor(selected[:n], dtype=torch.long)
+
+
+def random_projection(dim: int, proj_dim: int, seed: int = 0) -> torch.Tensor:
+    """The (dim, proj_dim) Gaussian Johnson–Lindenstrauss projection greedy_coreset uses."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(dim, proj_dim, generator=gen) / math.sqrt(proj_dim)
+
+
+class FeatureStore:
+    """Append-only (N, D) float32 rows kept in RAM up to ``max_ram_mb``, then spilled to a
+    temporary file (plain writes, so the pages do not count in the process's RSS); ``gather``
+    reads back selected rows. Lets a memory bank be built from more patches than fit in memory."""
+
+    def __init__(self, dim: int, max_ram_mb: float = 1024, dir: str | None = None):
+        self.dim, self.max_bytes, self.dir = dim, max_ram_mb * 2**20, dir
+        self.chunks: list[torch.Tensor] = []
+        self.n, self._file = 0, None
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float().cpu().contiguous()
+        if self._file is None and (self.n + len(rows)) * self.dim * 4 > self.max_bytes:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile(dir=self.dir)
+            for c in self.chunks:
+                self._file.write(c.numpy().tobytes())
+            self.chunks = []
+        if self._file is not None:
+            self._file.write(rows.numpy().tobytes())
+        else:
+            self.chunks.append(rows)
+        self.n += len(rows)
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        if self._file is None:
+            return torch.cat(self.chunks)[idx]
+        self._file.flush()
+        order = torch.argsort(idx)
+        out = np.empty((len(idx), self.dim), np.float32)
+        row_bytes = self.dim * 4
+        for pos, i in zip(order.tolist(), idx[order].tolist()):
+            self._file.seek(i * row_bytes)
+            out[pos] = np.frombuffer(self._file.read(row_bytes), np.float32)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.chunks = []
 
 
 def coreset_coverage(features: torch.Tensor, indices: torch.Tensor) -> float:

@@ -42,6 +42,9 @@ class Layout:
     def synth(self, ds: str, cat: str) -> Path:
         return self.root / "data" / "synth" / ds / cat
 
+    def backbone(self, ds: str, name: str = "ds2") -> Path:
+        return self.root / "models" / "backbone" / ds / name
+
     def pretrain(self, method: str, ds: str) -> Path:
         return self.root / "models" / method / ds / "pretrain"
 
@@ -158,12 +161,34 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
     with atomic_dir(out) as tmp:
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
                               out_dir=tmp, image_size=spec.image_size, seed=params.seed,
-                              device=resolve_device(params.device), synth_root=layout.root / "data" / "synth" / dataset,
-                              progress=progress)
+                              device=resolve_device(params.device), progress=progress)
+        seed_everything(params.seed)
+        # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
+        stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
+        stats["pretrain_seconds"] = time.perf_counter() - t0
+        write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
+    return stats
+
+
+def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), progress: bool = True) -> dict:
+    """The `backbone` stage: DS2 dense self-supervised pretraining on the dataset's normal training
+    images (params ``backbone.ds2``), the checkpoint behind ``weights: ds2`` for every method."""
+    from defectlab.backbones import resolve_device
+    from defectlab.methods import get_method
+    from defectlab.methods.base import PretrainContext
+
+    cls = get_method("ds2")
+    cfg = params.section("backbone", "ds2", cls.Config)
+    spec = params.dataset(dataset)
+    t0 = time.perf_counter()
+    with atomic_dir(layout.backbone(dataset)) as tmp:
+        ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
+                              out_dir=tmp, image_size=spec.image_size, seed=params.seed,
+                              device=resolve_device(params.device), progress=progress)
         seed_everything(params.seed)
         stats = cls.pretrain(cfg, ctx) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
-        write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
+        write_json(tmp / "pretrain.json", {"method": "ds2", "dataset": dataset, "stats": stats})
     return stats
 
 

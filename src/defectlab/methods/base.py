@@ -73,9 +73,18 @@ class AnomalyMethod(ABC):
         self.meta: dict[str, Any] = {}
 
     # ---- pipeline hooks -------------------------------------------------------------------
+    #: True for a method whose ``pretrain`` is the project's shared backbone training (DS2): the
+    #: `backbone` stage runs it once per dataset; its own `pretrain` stage then only freezes it.
+    shared_backbone: ClassVar[bool] = False
+
     @classmethod
     def pretrain(cls, config: StrictModel, ctx: PretrainContext) -> dict:
         """Dataset-level preparation. Default: freeze the backbone the config asks for."""
+        return cls.freeze_backbone(config, ctx)
+
+    @classmethod
+    def freeze_backbone(cls, config: StrictModel, ctx: PretrainContext) -> dict:
+        """Save the configured backbone weights into the stage output, so later stages read a fixed file."""
         backbone = getattr(config, "backbone", None)
         weights = getattr(config, "weights", "random")
         if backbone is None:

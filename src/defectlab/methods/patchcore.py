@@ -21,7 +21,8 @@ import torch
 
 from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from defectlab.config import StrictModel
-from defectlab.memory import NearestNeighbourIndex, greedy_coreset, local_patch_features, patch_scores_to_maps
+from defectlab.memory import (FeatureStore, NearestNeighbourIndex, greedy_coreset, local_patch_features,
+                              patch_scores_to_maps, random_projection)
 from defectlab.methods.base import AnomalyMethod, FitContext, make_loader
 
 
@@ -34,6 +35,7 @@ class PatchCoreConfig(StrictModel):
     coreset_ratio: float = 0.1
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 32       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
+    max_bank_ram_mb: float = 1024  # patch features beyond this go to a temp file while the coreset is chosen
     num_neighbors: int = 9
     sigma: float = 4.0
     batch_size: int = 8
@@ -69,21 +71,48 @@ class PatchCore(AnomalyMethod):
             model = backbone_for_fit(cfg.backbone, cfg.weights, ctx.pretrain_dir, seed=ctx.seed, dataset=ctx.dataset)
             self.set_extractor(FeatureExtractor(model, cfg.layers))
         loader = make_loader(ctx.data.train, ctx.image_size, self.config.batch_size)
+        return self.build_bank(loader, seed=ctx.seed, progress=ctx.progress,
+                               work_dir=str(ctx.work_dir) if ctx.work_dir else None)
+
+    @torch.no_grad()
+    def build_bank(self, loader, *, seed: int = 0, progress: bool = False, work_dir: str | None = None) -> dict:
+        """Stream patch features into the coreset memory bank with bounded memory.
+
+        Each batch's features go to a FeatureStore (RAM up to ``max_bank_ram_mb``, then a temp
+        file) and, randomly projected to ``coreset_proj_dim``, to the tensor the coreset selection
+        runs on; only the selected rows are read back. Peak memory is the projected features
+        (N × 128 floats) plus the bank, not N × D."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
         t0 = time.perf_counter()
-        bank = self.collect_patches(loader, progress=ctx.progress)
+        store, projected, proj = None, [], None
+        for batch in tqdm(loader, desc="patch features", disable=not progress, leave=False):
+            f = self.embed(batch["image"])
+            f = f.reshape(-1, f.shape[-1])
+            if store is None:
+                store = FeatureStore(f.shape[1], cfg.max_bank_ram_mb, work_dir)
+                if cfg.coreset_proj_dim is not None and cfg.coreset_proj_dim < f.shape[1]:
+                    proj = random_projection(f.shape[1], cfg.coreset_proj_dim, seed).to(f.device)
+            store.append(f)
+            projected.append(f @ proj if proj is not None else f)
+        x = torch.cat(projected)
+        del projected
         t_feat = time.perf_counter() - t0
-        n_patches = bank.shape[0]
-        n = max(1, int(round(self.config.coreset_ratio * n_patches)))
+        n_patches = x.shape[0]
+        n = max(1, int(round(cfg.coreset_ratio * n_patches)))
         t0 = time.perf_counter()
-        if n < bank.shape[0]:
-            idx = greedy_coreset(bank.to(self.device), n, proj_dim=self.config.coreset_proj_dim, seed=ctx.seed,
-                                 batch=self.config.coreset_batch)
-            bank = bank[idx.cpu()]
+        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=cfg.coreset_batch) if n < n_patches \
+            else torch.arange(n_patches)
+        del x
+        self.bank = store.gather(idx).to(self.device)
+        spilled = store.spilled
+        store.close()
         t_core = time.perf_counter() - t0
-        self.bank = bank.to(self.device)
         self._index = None
-        self.meta.update({"image_size": ctx.image_size, "n_train_images": len(ctx.data.train)})
-        return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]),
+        self.meta.update({"image_size": loader.dataset.size if hasattr(loader.dataset, "size") else None,
+                          "n_train_images": len(loader.dataset)})
+        return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]), "bank_spilled_to_disk": spilled,
                 "feature_seconds": t_feat, "coreset_seconds": t_core}
 
     @torch.no_grad()

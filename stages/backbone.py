@@ -1,0 +1,24 @@
+"""DVC stage: DS2 dense self-supervised pretraining of the shared backbone on one dataset's normal
+images (params `backbone.ds2`); every method with `weights: ds2` starts from it."""
+
+import argparse
+
+from defectlab import pipeline
+from defectlab.stagekit import run_stage
+
+ap = argparse.ArgumentParser(description=__doc__)
+ap.add_argument("--dataset", required=True)
+args = ap.parse_args()
+
+
+def body(params, run):
+    from defectlab.methods import get_method
+
+    cfg = params.section("backbone", "ds2", get_method("ds2").Config)
+    run.log_params({"backbone": cfg.model_dump(mode="json")})
+    stats = pipeline.train_backbone(params, args.dataset)
+    run.log_artifacts(pipeline.Layout().backbone(args.dataset), "backbone")
+    return stats
+
+
+run_stage("backbone", body, dataset=args.dataset, method="ds2")
