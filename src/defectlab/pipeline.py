@@ -161,7 +161,8 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
     with atomic_dir(out) as tmp:
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
                               out_dir=tmp, image_size=spec.image_size, seed=params.seed,
-                              device=resolve_device(params.device), progress=progress)
+                              device=resolve_device(params.device), progress=progress,
+                              work_dir=layout.root / "work" / method / dataset / "pretrain")
         seed_everything(params.seed)
         # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
         stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
@@ -184,7 +185,8 @@ def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), prog
     with atomic_dir(layout.backbone(dataset)) as tmp:
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
                               out_dir=tmp, image_size=spec.image_size, seed=params.seed,
-                              device=resolve_device(params.device), progress=progress)
+                              device=resolve_device(params.device), progress=progress,
+                              work_dir=layout.root / "work" / "backbone" / dataset / "ds2")
         seed_everything(params.seed)
         stats = cls.pretrain(cfg, ctx) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
@@ -217,6 +219,7 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
     ctx = FitContext(dataset=dataset, category=category, data=data, image_size=spec.image_size, seed=params.seed,
                      device=device, pretrain_dir=pre if pre.exists() else None,
                      synth_dir=synth if synth.exists() else None, progress=progress,
+                     work_dir=layout.root / "work" / method / dataset / category,
                      extra={"object_kind": "texture" if category in spec.texture_categories else "object"})
     seed_everything(params.seed)
     model = cls(cfg, device)

@@ -1,0 +1,119 @@
+"""DSR on the demo data, outside DVC: stage 1 once on all categories, stages 2+3 per category,
+then image AUROC / pixel AUROC / AUPRO per category (defectlab.metrics.compute_all).
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python scripts/dsr_eval.py --profile smoke \
+        --out /tmp/dsr_eval [--root data/prepared/demo] [--set stage2_iters=400 ...]
+
+Without --root the demo dataset is generated (seed 0) at --size px with the params.yaml demo
+counts (40 train, 10 good + 4 per defect test images). Profiles come from .helper/dsr.params.yaml
+(common merged with the chosen profile); --set overrides single keys (YAML values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from defectlab.data import scan_category
+from defectlab.methods.base import FitContext, PretrainContext, make_loader
+from defectlab.methods.dsr import DSR, DSRConfig
+from defectlab.metrics import compute_all
+from defectlab.pipeline import seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(profile: str, overrides: list[str]) -> DSRConfig:
+    block = yaml.safe_load((ROOT / ".helper" / "dsr.params.yaml").read_text())["dsr"]
+    cfg = {**block.get("common", {}), **block.get(profile, {})}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        cfg[key] = yaml.safe_load(value)
+    return DSRConfig.model_validate(cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="smoke")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/dsr_eval"))
+    ap.add_argument("--root", type=Path, default=None, help="MVTec-layout dataset (default: generate the demo)")
+    ap.add_argument("--categories", nargs="+", default=["weave", "grain", "board", "tray"])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    cfg = load_config(args.profile, args.set)
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = args.root
+    if root is None:
+        from defectlab.data.demo import generate_demo
+
+        root = args.out / "demo"
+        if not root.exists():
+            generate_demo(root, seed=0, image_size=args.size, n_train=40, n_test_good=10, n_test_per_defect=4,
+                          categories=args.categories)
+    seed_everything(args.seed)
+    pre = args.out / f"pretrain-{args.profile}"
+    t0, c0 = time.perf_counter(), time.process_time()
+    if not (pre / "vq.safetensors").exists():
+        pre.mkdir(parents=True, exist_ok=True)
+        DSR.pretrain(cfg, PretrainContext(dataset="demo", data_root=root, categories=args.categories, out_dir=pre,
+                                          image_size=args.size, seed=args.seed, device=device,
+                                          progress=args.progress))
+    stage1 = json.loads((pre / "vq.json").read_text())["stats"]
+    results = {"profile": args.profile, "config": cfg.model_dump(mode="json"), "device": str(device),
+               "pretrain_seconds": time.perf_counter() - t0, "pretrain_cpu_seconds": time.process_time() - c0,
+               "stage1": stage1, "categories": {}}
+    print(f"stage 1: {results['pretrain_seconds']:.1f} s wall, {results['pretrain_cpu_seconds']:.1f} s CPU  "
+          f"recon mse {stage1.get('stage1_recon', float('nan')):.4f}  codebook usage lo {stage1['codebook_usage_lo']:.2f} hi {stage1['codebook_usage_hi']:.2f}")
+    for cat in args.categories:
+        data = scan_category(root, cat)
+        seed_everything(args.seed)
+        model = DSR(cfg, device)
+        ctx = FitContext(dataset="demo", category=cat, data=data, image_size=args.size, seed=args.seed,
+                         device=device, pretrain_dir=pre, progress=args.progress)
+        t1, c1 = time.perf_counter(), time.process_time()
+        stats = model.fit(ctx)
+        fit_s, fit_cpu = time.perf_counter() - t1, time.process_time() - c1
+        out = model.predict_loader(make_loader(data.test, args.size, batch_size=8))
+        m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])
+        # the image AUROC with the score read from the other map (M vs M_r), same fitted model
+        other = "refined" if cfg.score_map == "coarse" else "coarse"
+        alt = DSR(cfg.model_copy(update={"score_map": other}), device)
+        alt.net, alt.meta = model.net, model.meta
+        alt_out = alt.predict_loader(make_loader(data.test, args.size, batch_size=8))
+        alt_auroc = compute_all(alt_out["labels"], alt_out["scores"], alt_out["masks"], alt_out["maps"])["image_auroc"]
+        kinds = np.asarray(out["kinds"])
+        per_kind = {}
+        for kind in sorted(set(kinds) - {"good"}):
+            sel = (kinds == "good") | (kinds == kind)
+            per_kind[str(kind)] = compute_all(out["labels"][sel], out["scores"][sel], out["masks"][sel],
+                                              out["maps"][sel])["image_auroc"]
+        row = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+               f"image_auroc_score_{other}": alt_auroc, "image_auroc_by_kind": per_kind, "fit_seconds": fit_s,
+               "fit_cpu_seconds": fit_cpu, "fit_stats": stats}
+        results["categories"][cat] = row
+        print(f"{cat:6s} image AUROC {m['image_auroc']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  "
+              f"AUPRO {m['aupro']:.3f}  (image AUROC from {other} map {alt_auroc:.3f})  "
+              f"fit {fit_s:.1f} s wall {fit_cpu:.1f} s CPU  by kind {per_kind}  "
+              f"focal {stats.get('stage2_focal_start', float('nan')):.3f}->{stats.get('stage2_focal', float('nan')):.3f}")
+    cats = results["categories"].values()
+    results["mean"] = {k: float(np.mean([c[k] for c in cats])) for k in ("image_auroc", "pixel_auroc", "aupro")}
+    print("mean   image AUROC {image_auroc:.3f}  pixel AUROC {pixel_auroc:.3f}  AUPRO {aupro:.3f}".format(**results["mean"]))
+    (args.out / f"results-{args.profile}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

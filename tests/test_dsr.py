@@ -1,0 +1,318 @@
+"""DSR (defectlab.methods.dsr): vector quantization, near-codebook anomaly sampling, the
+feature-space anomaly generator, the three chained training stages, save/load, detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab.data import scan_category
+from defectlab.errors import ConfigError, ResourceMissingError
+from defectlab.methods.base import FitContext, PretrainContext, make_loader
+from defectlab.methods.dsr import (
+    DSR,
+    DSRConfig,
+    Stage2Batch,
+    VectorQuantizer,
+    codebook_neighbours,
+    perlin_masks,
+    sample_near_codes,
+    smudge,
+)
+from defectlab.metrics import compute_all
+
+CPU = torch.device("cpu")
+
+# a tiny network for the mechanics tests (64 px images, the smallest DSR accepts)
+TINY = dict(n_procedural_textures=4, hidden=16, residual_hidden=8, residual_layers=1, embedding_dim=8,
+            codebook_size=32, dead_code_threshold=0.01, stage1_iters=30, stage1_batch=4, stage1_lr=1e-3,
+            restriction_width=8, decoder_width=8, detection_width=4, stage2_iters=6, stage2_batch=2,
+            stage2_lr=1e-3, stage2_lr_drop_at=4, upsampling_width=4, stage3_iters=3, stage3_batch=2)
+
+
+@pytest.fixture(scope="module")
+def demo64(tmp_path_factory) -> Path:
+    from defectlab.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("dsr") / "demo"
+    generate_demo(root, seed=0, image_size=64, n_train=6, n_test_good=3, n_test_per_defect=2,
+                  categories=["grain"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(demo64, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dsr_pre")
+    stats = DSR.pretrain(DSRConfig(**TINY), PretrainContext(dataset="demo", data_root=demo64, categories=["grain"],
+                                                           out_dir=out, image_size=64, seed=0, device=CPU,
+                                                           progress=False))
+    assert stats["stage1_loss"] < stats["stage1_loss_start"]          # stage 1 learns to reconstruct
+    return out
+
+
+def fit_ctx(root: Path, pre: Path, **kw) -> FitContext:
+    return FitContext(dataset="demo", category="grain", data=scan_category(root, "grain"), image_size=64, seed=0,
+                      device=CPU, pretrain_dir=pre, progress=False, **kw)
+
+
+# ---- vector quantization (Eq. 1, 2) ---------------------------------------------------------
+def test_vq_nearest_code_straight_through_and_losses():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4).eval()
+    with torch.no_grad():
+        vq.codebook.normal_()
+    feats = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = vq(feats)
+    flat = feats.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    brute = torch.cdist(flat, vq.codebook.detach()).argmin(1)
+    assert torch.equal(out.indices.flatten(), brute)
+    codes = vq.codebook.detach()[brute]
+    assert torch.allclose(out.quantized.detach().permute(0, 2, 3, 1).reshape(-1, 4), codes)
+    # both VQ-VAE terms are the mean squared feature-code distance
+    assert out.commitment_loss.item() == pytest.approx(((flat - codes) ** 2).mean().item(), rel=1e-5)
+    assert out.codebook_loss.item() == pytest.approx(out.commitment_loss.item(), rel=1e-5)
+    # straight-through: d(sum Q)/dF = 1 although argmin has no gradient
+    (g_feat,) = torch.autograd.grad(out.quantized.sum(), feats, retain_graph=True)
+    assert torch.allclose(g_feat, torch.ones_like(g_feat))
+    # the commitment term moves only the encoder features, the codebook term only the codebook
+    g_f, g_c = torch.autograd.grad(out.commitment_loss, [feats, vq.codebook], retain_graph=True, allow_unused=True)
+    assert g_f.abs().sum() > 0 and (g_c is None or g_c.abs().sum() == 0)
+    g_f, g_c = torch.autograd.grad(out.codebook_loss, [feats, vq.codebook], allow_unused=True)
+    assert (g_f is None or g_f.abs().sum() == 0) and g_c.abs().sum() > 0
+    used = torch.zeros(16, dtype=torch.bool)
+    used[brute] = True
+    assert (g_c[~used] == 0).all() and (g_c[used].abs().sum(1) > 0).all()   # only assigned codes move
+    # features sitting on codes quantize to themselves with zero loss
+    exact = vq.codebook.detach()[:9].T.reshape(1, 4, 3, 3)
+    out2 = vq(exact)
+    assert torch.equal(out2.indices.flatten(), torch.arange(9))
+    assert out2.commitment_loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_vq_codebook_loss_training_pulls_codes_onto_features():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 2)
+    feats = torch.tensor([[3.0, 3.0], [-3.0, 2.0]]).repeat(8, 1).T.reshape(1, 2, 4, 4)
+    opt = torch.optim.Adam(vq.parameters(), lr=0.2)
+    first = None
+    for _ in range(60):
+        out = vq(feats)
+        loss = out.codebook_loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert vq(feats).codebook_loss.item() < 0.01 * first
+
+
+def test_vq_ema_update_and_dead_code_restart():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, ema=True, decay=0.5, dead_threshold=0.1).train()
+    assert not vq.codebook.requires_grad
+    feats = torch.tensor([5.0, 5.0]).view(1, 2, 1, 1).repeat(1, 1, 2, 2)
+    for _ in range(10):
+        vq(feats)
+    assert (vq.codebook - torch.tensor([5.0, 5.0])).norm(dim=1).min() < 1e-3   # a code moved onto the features
+    assert vq(feats).codebook_loss.item() == 0.0                               # EMA: no codebook loss term
+
+
+# ---- near-codebook sampling (Sec. 3.6) -------------------------------------------------------
+def test_codebook_neighbours_order_and_self_first_even_with_duplicates():
+    cb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [5.0, 0.0], [2.0, 0.0]])
+    nb = codebook_neighbours(cb)
+    assert nb.shape == (5, 5)
+    assert torch.equal(nb[:, 0].long(), torch.arange(5))                       # code i first, duplicates too
+    assert nb[0, 1].item() == 2 and nb[2, 1].item() == 0                        # its duplicate next
+    d = torch.cdist(cb, cb)
+    for i in range(5):
+        assert (d[i, nb[i].long()].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("size,lambda_s", [(64, 0.05), (200, 0.05), (16, 0.3)])
+def test_sample_near_codes_excludes_nearest_and_prefers_near(size, lambda_s):
+    gen = torch.Generator().manual_seed(0)
+    cb = torch.randn(size, 3, generator=gen)
+    nb = codebook_neighbours(cb)
+    indices = torch.randint(size, (64, 6, 6), generator=gen)
+    new, ranks, bound = sample_near_codes(indices, nb, lambda_s, gen)
+    low = max(1, int(np.ceil(lambda_s * size)))
+    assert (new != indices).all()                                  # never the original code
+    assert (ranks >= low).all() and (ranks < bound.view(-1, 1, 1)).all()
+    assert ((bound > low) & (bound <= size)).all()
+    # the sampled code really is the rank-th neighbour, i.e. none of the ⌈λ_s·K⌉ closest codes
+    dist = torch.cdist(cb, cb)
+    d_new = dist[indices, new]
+    kth = dist.sort(1).values[:, low - 1]                          # distance of the (low-1)-th neighbour
+    assert (d_new >= kth[indices] - 1e-6).all()
+    # n ~ U[λK, K], k ~ U[λK, n): ranks near the code are favoured over uniform sampling
+    assert ranks.float().mean() < 0.5 * (low + size - 1)
+    # deterministic given the generator
+    again = sample_near_codes(indices, nb, lambda_s, torch.Generator().manual_seed(0))
+    gen2 = torch.Generator().manual_seed(0)
+    torch.randn(size, 3, generator=gen2), torch.randint(size, (64, 6, 6), generator=gen2)
+    assert torch.equal(sample_near_codes(indices, nb, lambda_s, gen2)[0], new)
+    assert again[0].shape == new.shape
+
+
+def test_sample_near_codes_rejects_impossible_bound():
+    nb = codebook_neighbours(torch.randn(8, 2))
+    with pytest.raises(ConfigError):
+        sample_near_codes(torch.zeros(1, 2, 2, dtype=torch.long), nb, 0.99, torch.Generator().manual_seed(0))
+
+
+# ---- image-space helpers ---------------------------------------------------------------------
+def test_smudge_changes_image_only_inside_its_mask_and_perlin_masks():
+    rng = np.random.default_rng(0)
+    image = np.full((32, 32, 3), 0.5, np.float32)
+    out, mask = smudge(image, rng, max_beta=0.5)
+    assert mask.any() and not mask.all()
+    assert np.allclose(out[~mask], 0.5)
+    assert np.abs(out[mask] - 0.5).max() > 0.01
+    masks = perlin_masks(np.random.default_rng(1), 20, 32, anomaly_prob=0.5)
+    assert masks.shape == (20, 1, 32, 32)
+    empty = (masks.flatten(1).sum(1) == 0).sum().item()
+    assert 2 <= empty <= 18
+
+
+def test_residual_upsampler_starts_as_the_coarse_mask():
+    from defectlab.methods.dsr import DSRNet
+
+    torch.manual_seed(0)
+    images, mask = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 64, 64)
+    net = DSRNet(DSRConfig(**{**TINY, "upsampling_residual": True}))
+    assert torch.allclose(torch.softmax(net.refine(images, mask), 1)[:, 1:], mask.clamp(1e-4, 1 - 1e-4), atol=1e-5)
+    plain = DSRNet(DSRConfig(**TINY))                                     # the paper's module: no such shortcut
+    assert not torch.allclose(torch.softmax(plain.refine(images, mask), 1)[:, 1:], mask, atol=1e-2)
+
+
+# ---- stages ----------------------------------------------------------------------------------
+def test_feature_anomalies_replace_codes_only_inside_the_mask(demo64, stage1_dir):
+    model = DSR(DSRConfig(**TINY), CPU)
+    ctx = fit_ctx(demo64, stage1_dir)
+    model._setup(ctx)
+    from defectlab.methods.dsr import load_train_images
+
+    images = load_train_images(ctx)[:6]
+    masks = torch.zeros(6, 1, 64, 64)
+    masks[:, :, 16:32, 16:48] = 1
+    masks[5] = 0                                                          # one anomaly-free slot
+    level = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = Stage2Batch(images, masks, level, torch.zeros(6, dtype=torch.bool), torch.Generator().manual_seed(0))
+    nb = {"lo": codebook_neighbours(model.net.vq.vq_lo.codebook), "hi": codebook_neighbours(model.net.vq.vq_hi.codebook)}
+    enc, qa_lo, qa_hi, target = model.feature_anomalies(batch, nb)
+    assert target.shape == (6, 1, 16, 16)
+    changed_lo = (qa_lo != enc.lo.quantized).any(1)                       # (B, 8, 8)
+    changed_hi = (qa_hi != enc.hi.quantized).any(1)                       # (B, 16, 16)
+    t = target[:, 0] > 0
+    assert not (changed_hi & ~t).any()                                    # nothing changes outside M_gt
+    assert not (changed_lo & ~(torch.nn.functional.max_pool2d(target, 2)[:, 0] > 0)).any()
+    assert changed_lo[[0, 1, 3, 4]].flatten(1).any(1).all() and not changed_lo[[2, 5]].any()
+    assert changed_hi[[0, 2, 3]].flatten(1).any(1).all() and not changed_hi[[1, 4, 5]].any()
+    assert not t[5].any() and t[:5].flatten(1).any(1).all()
+    # an altered lo code is never the original code (sampling excludes it)
+    assert changed_lo[0][target[0, 0, ::2, ::2] > 0].all()
+
+
+def test_three_stages_chain_from_cached_outputs(demo64, stage1_dir, tmp_path, monkeypatch):
+    cfg = DSRConfig(**TINY)
+    info = json.loads((stage1_dir / "vq.json").read_text())
+    assert (stage1_dir / "vq.safetensors").exists() and info["architecture"]["codebook_size"] == 32
+    work = tmp_path / "work"
+    first = DSR(cfg, CPU)
+    stats = first.fit(fit_ctx(demo64, stage1_dir, work_dir=work))
+    assert stats["stage2_cached"] == 0.0 and "stage3_loss" in stats
+    for key in ("focal", "feat", "img"):
+        assert np.isfinite(stats[f"stage2_{key}"])
+    cached = list(work.glob("dsr-stage2-*.safetensors"))
+    assert len(cached) == 1 and not list(work.glob("*.ckpt.pt"))          # checkpoints removed when done
+    # a refit with the same inputs loads stage 2 from the cache and trains stage 3 only
+    calls = {"stage3": 0}
+    monkeypatch.setattr(DSR, "stage2_loss", lambda *a, **k: pytest.fail("stage 2 retrained despite its cache"))
+    original = DSR.train_stage3
+
+    def counting(self, ctx):
+        calls["stage3"] += 1
+        return original(self, ctx)
+
+    monkeypatch.setattr(DSR, "train_stage3", counting)
+    second = DSR(cfg, CPU)
+    stats2 = second.fit(fit_ctx(demo64, stage1_dir, work_dir=work))
+    assert stats2["stage2_cached"] == 1.0 and calls["stage3"] == 1
+    a, b = first.net.object_modules().state_dict(), second.net.object_modules().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the stage-2 cache key covers stage-2 settings: another λ_s misses the cache
+    monkeypatch.undo()
+    other = DSR(DSRConfig(**{**TINY, "lambda_s": 0.1}), CPU)
+    assert other.fit(fit_ctx(demo64, stage1_dir, work_dir=work))["stage2_cached"] == 0.0
+    assert len(list(work.glob("dsr-stage2-*.safetensors"))) == 2
+    # ... but a stage-3-only change hits it
+    s3 = DSR(DSRConfig(**{**TINY, "stage3_iters": 2}), CPU)
+    assert s3.fit(fit_ctx(demo64, stage1_dir, work_dir=work))["stage2_cached"] == 1.0
+
+
+def test_fit_requires_a_matching_stage1(demo64, stage1_dir, tmp_path):
+    with pytest.raises(ResourceMissingError):
+        DSR(DSRConfig(**TINY), CPU).fit(fit_ctx(demo64, tmp_path))
+    with pytest.raises(ConfigError):
+        DSR(DSRConfig(**{**TINY, "codebook_size": 64}), CPU).fit(fit_ctx(demo64, stage1_dir))
+    with pytest.raises(ConfigError):
+        ctx = fit_ctx(demo64, stage1_dir)
+        ctx.image_size = 48
+        DSR(DSRConfig(**TINY), CPU).fit(ctx)
+
+
+def test_save_load_round_trip_and_supervised_exclusion(demo64, stage1_dir, tmp_path):
+    model = DSR(DSRConfig(**{**TINY, "n_supervised": 2}), CPU)
+    model.fit(fit_ctx(demo64, stage1_dir))
+    excluded = model.meta["exclude_from_eval"]
+    data = scan_category(demo64, "grain")
+    assert len(excluded) == 2 and all(p in {str(s.path) for s in data.test if s.label == 1} for p in excluded)
+    model.save(tmp_path / "m")
+    loaded = DSR.load(tmp_path / "m")
+    batch = next(iter(make_loader(data.test, 64, batch_size=6)))["image"]
+    s1, m1 = model.predict(batch)
+    s2, m2 = loaded.predict(batch)
+    assert s1.shape == (6,) and m1.shape == (6, 64, 64)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+    assert ((m1 >= 0) & (m1 <= 1)).all() and ((s1 >= 0) & (s1 <= 1)).all()
+    # image score = max of the mean-filtered coarse M (paper) or, with score_map: refined, of M_r
+    x = batch * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    k = model.config.score_filter
+    coarse = model.net.anomaly_mask(x)
+    pooled = torch.nn.functional.avg_pool2d(coarse, k, 1, k // 2, count_include_pad=False).amax((1, 2, 3))
+    assert torch.allclose(s1, pooled, atol=1e-6)
+    refined = DSR(model.config.model_copy(update={"score_map": "refined"}), CPU)
+    refined.net = model.net
+    s3, m3 = refined.predict(batch)
+    pooled_r = torch.nn.functional.avg_pool2d(m3[:, None], k, 1, k // 2, count_include_pad=False).amax((1, 2, 3))
+    assert torch.equal(m3, m1) and torch.allclose(s3, pooled_r, atol=1e-6)
+    with pytest.raises(ConfigError):
+        DSR(DSRConfig(**{**TINY, "n_supervised": 50}), CPU).fit(fit_ctx(demo64, stage1_dir))
+
+
+def test_detects_planted_defects_above_chance(tiny_demo, tmp_path):
+    """Short training on the 64 px demo textures (stage 1 on grain + weave), scored on 'grain':
+    image and pixel AUROC far above chance (~30 s CPU)."""
+    cfg = DSRConfig(n_procedural_textures=16, hidden=32, residual_hidden=16, residual_layers=1, embedding_dim=16,
+                    codebook_size=32, dead_code_threshold=0.01, stage1_iters=300, stage1_batch=8, stage1_lr=2e-3,
+                    restriction_width=8, decoder_width=16, detection_width=8, stage2_iters=300, stage2_batch=4,
+                    stage2_lr=2e-3, stage2_lr_drop_at=250, upsampling_width=4, upsampling_residual=True,
+                    stage3_iters=30, stage3_batch=4, stage3_lr=2e-3, score_filter=7)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    DSR.pretrain(cfg, PretrainContext(dataset="demo", data_root=tiny_demo, categories=["grain", "weave"], out_dir=pre,
+                                      image_size=64, seed=0, device=CPU, progress=False))
+    data = scan_category(tiny_demo, "grain")
+    model = DSR(cfg, CPU)
+    stats = model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0, device=CPU,
+                                 pretrain_dir=pre, progress=False))
+    assert stats["stage2_focal"] < 0.7 * stats["stage2_focal_start"]      # the stage-2 loss falls
+    assert stats["stage2_img"] < stats["stage2_img_start"]
+    out = model.predict_loader(make_loader(data.test, 64, batch_size=8))
+    m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])
+    assert m["image_auroc"] > 0.75, m
+    assert m["pixel_auroc"] > 0.85, m
