@@ -1,0 +1,196 @@
+"""DS2: positive-pair selection, loss, momentum branch, pretraining, GDE head, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab.methods.ds2 import (DS2, DS2Config, DS2Net, feature_top1_positive, geometric_positives,
+                                   ledoit_wolf, make_batch_views, pair_loss, receptive_field_upsample, train_ds2)
+
+TINY = dict(backbone="resnet18", proj_hidden=64, proj_dim=32, crop_size=64, batch_size=8, min_scale=0.3,
+            optimizer="lars", lr=1.0, warmup_epochs=0.5, patch_size=16, patch_stride=4, fit_batch_size=8)
+
+
+def _expected_shift_mask(h, w, shift):
+    """Cell (r, c + shift) of view a matches cell (r, c) of view b."""
+    m = torch.zeros(h * w, h * w, dtype=torch.bool)
+    for r in range(h):
+        for c in range(w - shift):
+            m[r * w + c + shift, r * w + c] = True
+    return m
+
+
+def test_geometric_positives_known_offset():
+    # two equal-size crops of the same image, view b shifted right by exactly one feature cell (1/4 of the crop)
+    h = w = 4
+    boxes_a = torch.tensor([[0.0, 0.2, 0.5, 0.7]])
+    boxes_b = torch.tensor([[0.125, 0.2, 0.625, 0.7]])
+    no = torch.tensor([False])
+    pos = geometric_positives(boxes_a, no, boxes_b, no, h, w, 0.1)[0]
+    assert torch.equal(pos, _expected_shift_mask(h, w, 1))
+    # half a cell off: no cell centre within 0.1 diagonals -> no geometric positives (δ = 0.1, Sec. 3.1)
+    boxes_c = torch.tensor([[0.0625, 0.2, 0.5625, 0.7]])
+    assert not geometric_positives(boxes_a, no, boxes_c, no, h, w, 0.1).any()
+    # ... but PixPro's loose threshold (0.7 diagonals) accepts the half-cell neighbours
+    assert geometric_positives(boxes_a, no, boxes_c, no, h, w, 0.7).sum() == 2 * h * (w - 1) + h
+    # a mirrored view b: its column c lies at original column w-1-c
+    yes = torch.tensor([True])
+    pos_f = geometric_positives(boxes_a, no, boxes_a, yes, h, w, 0.1)[0]
+    exp = torch.zeros(h * w, h * w, dtype=torch.bool)
+    for r in range(h):
+        for c in range(w):
+            exp[r * w + c, r * w + (w - 1 - c)] = True
+    assert torch.equal(pos_f, exp)
+    # the identical view: the diagonal
+    assert torch.equal(geometric_positives(boxes_a, no, boxes_a, no, h, w, 0.1)[0], torch.eye(h * w, dtype=torch.bool))
+
+
+def test_feature_top1_positive_picks_most_similar_pair():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 3, 3, generator=g)
+    b = torch.randn(2, 16, 3, 3, generator=g)
+    b[0, :, 2, 1] = a[0, :, 0, 2] * 3.0        # same direction: cosine 1
+    b[1, :, 0, 0] = a[1, :, 1, 1]
+    m = feature_top1_positive(a, b)
+    assert m.sum((1, 2)).tolist() == [1, 1]
+    assert m[0, 0 * 3 + 2, 2 * 3 + 1] and m[1, 4, 0]
+
+
+def test_pair_loss_terms():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 8, 3, 3, generator=g)
+    pos = torch.eye(9, dtype=torch.bool)[None].repeat(2, 1, 1)
+    assert pair_loss(y, y * 2, pos).item() == pytest.approx(-1.0, abs=1e-5)
+    assert pair_loss(y, -y, pos).item() == pytest.approx(1.0, abs=1e-5)
+    # only positives count: a random z on non-positive cells does not change the loss
+    z = y.clone()
+    z2 = z.clone()
+    off = torch.zeros_like(pos)
+    off[:, 0, 0] = True
+    z2[:, :, 1:, :] = torch.randn(2, 8, 2, 3, generator=g)
+    assert pair_loss(y, z, off).item() == pytest.approx(pair_loss(y, z2, off).item(), abs=1e-6)
+
+
+def test_momentum_branch_gets_no_gradients_and_ema_moves_it():
+    cfg = DS2Config(**TINY)
+    net = DS2Net(cfg, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    (v1, v2), (g1, g2) = make_batch_views(torch.rand(4, 3, 96, 96, generator=gen), gen, cfg)
+    loss, stats = net(v1, v2, g1, g2, (96, 96))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in net.backbone_m.parameters())
+    assert all(p.grad is None for p in net.projectors_m.parameters())
+    assert all(p.grad is not None for n, p in net.backbone.named_parameters() if not n.startswith("fc."))
+    assert net.ppm.transform.weight.grad.abs().sum() > 0
+    assert stats["positives_layer3"] >= 1 and stats["positives_layer4"] >= 1   # ≥ the top-1 pair per image
+    opt = torch.optim.SGD(net.online_parameters(), lr=0.5)
+    opt.step()
+    before = [p.clone() for p in net.backbone_m.parameters()]
+    dist0 = sum(float((pm - po).detach().norm()) for pm, po in zip(net.backbone_m.parameters(), net.backbone.parameters()))
+    net.momentum_update(0.9)
+    after = list(net.backbone_m.parameters())
+    dist1 = sum(float((pm - po).detach().norm()) for pm, po in zip(after, net.backbone.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert dist1 == pytest.approx(0.9 * dist0, rel=1e-3)
+
+
+def test_ledoit_wolf_matches_sklearn():
+    sk = pytest.importorskip("sklearn.covariance")
+    x = torch.randn(50, 20, generator=torch.Generator().manual_seed(0)).double()
+    mean, cov, shrink = ledoit_wolf(x)
+    ref = sk.LedoitWolf().fit(x.numpy())
+    assert shrink == pytest.approx(ref.shrinkage_, rel=1e-6)
+    assert np.allclose(cov.numpy(), ref.covariance_, atol=1e-10)
+
+
+def test_receptive_field_upsampling():
+    flat = receptive_field_upsample(torch.full((1, 5, 5), 3.0), 8, 4, 4.0)
+    assert flat.shape == (1, 24, 24) and torch.allclose(flat, torch.full_like(flat, 3.0))
+    s = torch.zeros(1, 5, 5)
+    s[0, 2, 3] = 1.0
+    m = receptive_field_upsample(s, 8, 4, 2.0)[0]
+    r, c = divmod(int(m.argmax()), m.shape[1])
+    assert abs(r - (2 * 4 + 3.5)) <= 1 and abs(c - (3 * 4 + 3.5)) <= 1    # peak at that patch's centre
+
+
+def test_loss_decreases_on_demo(tiny_demo):
+    from defectlab.data import scan_category
+
+    paths = [s.path for c in ("grain", "board") for s in scan_category(tiny_demo, c).train]
+    cfg = DS2Config(**{**TINY, "epochs": 100, "max_steps": 16})
+    net, st = train_ds2(cfg, paths, image_size=64, seed=0, device=torch.device("cpu"))
+    assert st["steps"] == 16
+    assert st["loss_last"] < st["loss_first"] - 0.05, st
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_demo, tmp_path_factory):
+    from defectlab.methods.base import PretrainContext
+
+    out = tmp_path_factory.mktemp("ds2pre")
+    cfg = DS2Config(**{**TINY, "epochs": 1, "max_steps": 4})
+    stats = DS2.pretrain(cfg, PretrainContext(dataset="demo", data_root=tiny_demo, categories=["grain", "board"],
+                                             out_dir=out, image_size=64, seed=0, device=torch.device("cpu"),
+                                             progress=False))
+    return out, stats
+
+
+def test_pretrain_checkpoint_loads_as_ds2_weights(pretrained):
+    from defectlab.backbones import build_backbone, load_state_dict
+
+    out, stats = pretrained
+    assert stats["steps"] == 4 and stats["images"] == 32
+    model = build_backbone("resnet18", f"ds2:{out / 'backbone.safetensors'}")
+    ref = load_state_dict(out / "backbone.safetensors")
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], ref["layer4.1.conv2.weight"])
+    rand = build_backbone("resnet18", "random", seed=0)
+    assert not torch.equal(rand.state_dict()["layer4.1.conv2.weight"], ref["layer4.1.conv2.weight"])
+    assert (out / "heads.safetensors").exists()
+
+
+def _score(model, data, size):
+    from defectlab.methods.base import make_loader
+
+    return model.predict_loader(make_loader(data.test, size, 8))
+
+
+def test_gde_detects_planted_defects_and_roundtrips(pretrained, tiny_demo, tmp_path):
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext
+    from defectlab.metrics import image_metrics, pixel_metrics
+
+    out, _ = pretrained
+    data = scan_category(tiny_demo, "grain")
+    model = DS2(DS2Config(**TINY))
+    st = model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                              device=torch.device("cpu"), pretrain_dir=out, progress=False))
+    assert st["n_train_patches"] == 16 * 13 * 13
+    assert model.meta["backbone_source"].endswith("backbone.safetensors")
+    res = _score(model, data, 64)
+    assert res["maps"].shape[1:] == (64, 64)
+    img = image_metrics(res["labels"], res["scores"])["image_auroc"]
+    pix = pixel_metrics(res["masks"], res["maps"])["pixel_auroc"]
+    assert img > 0.8 and pix > 0.8, (img, pix)
+    model.save(tmp_path / "m")
+    loaded = DS2.load(tmp_path / "m")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    s0, m0 = model.predict(x)
+    s1, m1 = loaded.predict(x)
+    assert torch.equal(s0, s1) and torch.equal(m0, m1)
+
+
+def test_random_weights_skip_checkpoint(tiny_demo, tmp_path):
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext
+
+    data = scan_category(tiny_demo, "grain")
+    model = DS2(DS2Config(**{**TINY, "weights": "random"}))
+    # a pretrain_dir without a checkpoint is fine: weights=random never reads it
+    model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                         device=torch.device("cpu"), pretrain_dir=tmp_path, progress=False))
+    assert model.meta["backbone_source"] == "random"
+    with pytest.raises(Exception, match="no DS2 backbone"):
+        DS2(DS2Config(**TINY)).fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                                              device=torch.device("cpu"), pretrain_dir=tmp_path, progress=False))
