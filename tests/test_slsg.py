@@ -1,0 +1,247 @@
+"""SLSG: SG-block graph construction, loss terms, GPT-Net / SegNet training, save/load, detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab.methods.slsg import (
+    SLSG,
+    SGBlock,
+    SLSGConfig,
+    inpainting_mask,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    max_relative_aggregate,
+    positional_similarity,
+    segnet_losses,
+    sparse_neighbours,
+    top_k_score,
+)
+
+SIZE = 64
+# small decoder / discriminator so the trainings fit the test budget on one CPU thread
+TINY = dict(decoder_channels=[64, 32, 32, 16], head_channels=16, disc_width=16, sg_skip_channels=16, synth_n=48)
+
+
+# ----------------------------------------------------------------------------- SG block
+def _graph_features(seed: int = 0, h: int = 8, w: int = 8, c: int = 64):
+    """Random node features, except: node A's right-hand neighbour is an exact copy of A (cosine 1),
+    and a node in the far corner is a near-copy (cosine 0.9)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(h * w, c, generator=g)
+    a, neighbour, distant = 3 * w + 3, 3 * w + 4, 7 * w + 0
+    x[neighbour] = x[a]
+    orth = torch.randn(c, generator=g)
+    orth -= (orth @ x[a]) / (x[a] @ x[a]) * x[a]
+    x[distant] = 0.9 * x[a] / x[a].norm() + np.sqrt(1 - 0.81) * orth / orth.norm()
+    return x[None], a, neighbour, distant
+
+
+def test_positional_similarity_is_high_for_spatial_neighbours():
+    p = positional_similarity(8, 8, 64)
+    assert torch.allclose(p.diagonal(), torch.ones(64), atol=1e-5)
+    assert torch.allclose(p, p.T, atol=1e-6)
+    # similarity falls with distance: right-hand neighbour > two steps > far corner
+    assert p[27, 28] > p[27, 29] > p[27, 56]
+    assert p[27, 28] > 0.95 and p[27, 56] < p[27, 28] - 0.2
+
+
+def test_graph_excludes_positionally_trivial_neighbours():
+    x, a, neighbour, distant = _graph_features()
+    cos = torch.nn.functional.cosine_similarity(x[0, a], x[0], dim=-1)
+    assert cos[neighbour] > cos[distant] > 0.85        # the neighbour is the most similar node
+    # purely semantic graph (W_d'): the copy next door (and A itself) come before the distant node
+    semantic = sparse_neighbours(x, x, None, k=2)[0, a].tolist()
+    assert neighbour in semantic and distant not in semantic
+    # SLSG's W_s = CosSim - W_p: the distant near-copy becomes A's first neighbour; the copy next door
+    # (and A itself) rank below it and are not picked with K = 1
+    pos = positional_similarity(8, 8, 64)
+    ranked = sparse_neighbours(x, x, pos, k=64)[0, a].tolist()
+    assert ranked[0] == distant
+    assert ranked.index(neighbour) > ranked.index(distant) and ranked[0] != a
+    assert sparse_neighbours(x, x, pos, k=1)[0, a].tolist() == [distant]
+
+
+def test_graph_on_smooth_feature_map_reaches_further():
+    """On a spatially smooth map (neighbours alike everywhere) the K = 9 graph of W_s holds fewer
+    adjacent nodes and reaches further than the purely semantic one."""
+    g = torch.Generator().manual_seed(0)
+    h = w = 8
+    x = torch.nn.functional.interpolate(torch.randn(1, 64, 2, 2, generator=g), size=(h, w), mode="bilinear",
+                                        align_corners=True) + 0.05 * torch.randn(1, 64, h, w, generator=g)
+    nodes = x.flatten(2).transpose(1, 2)
+    ys, xs = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dist = ((ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2).sqrt()
+    semantic = torch.gather(dist, 1, sparse_neighbours(nodes, nodes, None, 9)[0])
+    slsg = torch.gather(dist, 1, sparse_neighbours(nodes, nodes, positional_similarity(h, w, 64), 9)[0])
+    assert slsg.mean() > semantic.mean() + 0.1
+    assert (slsg <= 1.5).float().mean() < (semantic <= 1.5).float().mean() - 0.1
+
+
+def test_max_relative_graph_convolution():
+    nodes = torch.tensor([[[0.0, 1.0], [2.0, -1.0], [1.0, 5.0]]])   # (1, 3, 2)
+    neighbours = torch.tensor([[[1, 2], [0, 2], [0, 1]]])            # (1, 3, 2)
+    out = max_relative_aggregate(nodes, neighbours)
+    # node 0: max(v1 - v0, v2 - v0) = max([2, -2], [1, 4]) = [2, 4]
+    expected = torch.tensor([[[2.0, 4.0], [-1.0, 6.0], [1.0, -4.0]]])
+    assert torch.allclose(out, expected)
+
+
+def test_sg_block_shapes_graph_and_gradient():
+    torch.manual_seed(0)
+    block = SGBlock(32, knn=9, reduction=4, pos_dim=16)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    assert block.last_neighbours.shape == (2, 36, 9)
+    y.square().mean().backward()
+    assert block.f.weight.grad.abs().sum() > 0 and block.h.weight.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- losses and masks
+def test_segnet_loss_terms_react():
+    cfg = SLSGConfig()
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 10:30, 20:40] = 1
+    aux_good = torch.logit(torch.nn.functional.adaptive_avg_pool2d(mask, (2, 2)).clamp(1e-4, 1 - 1e-4))
+    right = segnet_losses((mask * 2 - 1) * 8, aux_good, mask, cfg)
+    wrong = segnet_losses((1 - 2 * mask) * 8, -aux_good, mask, cfg)
+    blank = segnet_losses(torch.full_like(mask, -8.0), torch.full((2, 1, 2, 2), -8.0), mask, cfg)
+    for term in ("focal", "l1", "aux", "loss"):
+        assert right[term] < blank[term] < wrong[term], term
+    assert right["loss"] == pytest.approx(0.4 * right["focal"] + 0.6 * right["l1"] + 0.3 * right["aux"])
+    # γ = 4 down-weights confident pixels far more than cross-entropy (γ = 0) does
+    cfg0 = SLSGConfig(focal_gamma=0.0)
+    mild = torch.full_like(mask, -2.0)
+    assert segnet_losses(mild, aux_good, torch.zeros_like(mask), cfg)["focal"] < \
+        0.05 * segnet_losses(mild, aux_good, torch.zeros_like(mask), cfg0)["focal"]
+
+
+def test_lsgan_losses():
+    ones, zeros = torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    assert lsgan_generator_loss(ones) == 0 and lsgan_generator_loss(zeros) == pytest.approx(0.5)
+    assert lsgan_discriminator_loss(zeros, ones) == 0          # D right on both
+    assert lsgan_discriminator_loss(ones, zeros) == pytest.approx(1.0)
+
+
+def test_inpainting_mask_grid_and_large_masks():
+    cfg = SLSGConfig(grid=8, grid_mask_ratio=0.8, large_masks=1)
+    m = inpainting_mask(64, 64, cfg, torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert 0.8 <= m.mean() < 0.95                      # 80 % of the cells + the large rectangles
+    cells = torch.nn.functional.avg_pool2d(m, 8)       # grid cells are fully hidden or shown...
+    no_large = inpainting_mask(64, 64, SLSGConfig(large_masks=0), torch.Generator().manual_seed(0))
+    assert set(torch.nn.functional.avg_pool2d(no_large, 8).unique().tolist()) <= {0.0, 1.0}
+    assert no_large.mean() == pytest.approx(0.8, abs=0.03)
+    assert ((cells > 0) & (cells < 1)).any()           # ...unless a large rectangle cuts them
+
+
+def test_top_k_score():
+    maps = torch.zeros(2, 20, 20)
+    maps[0, :5, :20] = 1.0   # 100 pixels at 1
+    maps[1, 0, :50 // 5] = 1.0
+    s = top_k_score(maps, 100)
+    assert s[0] == pytest.approx(1.0) and s[1] == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- synthesis + training
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from defectlab.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("slsg") / "demo"
+    generate_demo(root, seed=0, image_size=SIZE, n_train=16, n_test_good=8, n_test_per_defect=3,
+                  categories=["grain", "board"])
+    return root
+
+
+def test_synthesis_gives_both_kinds_with_masks(demo, tmp_path):
+    """The cache SegNet trains on (the fallback cache fit builds) holds structural and logical
+    anomalies, each with a non-empty mask on the object's foreground."""
+    from PIL import Image
+
+    from defectlab.data import scan_category
+    from defectlab.synthesis import foreground_mask
+    from defectlab.synthesis.cache import build_cache, load_cache, load_rgb
+
+    data = scan_category(demo, "board")
+    build_cache([s.path for s in data.train], tmp_path / "c", n=24, seed=0, image_size=SIZE,
+                kinds={"structural": 0.5, "logical": 0.5}, object_kind="object")
+    rows = load_cache(tmp_path / "c")
+    assert {r["kind"] for r in rows} == {"structural", "logical"}
+    for r in rows:
+        mask = np.asarray(Image.open(r["mask"])) > 127
+        assert mask.any()
+        src = load_rgb(data.train[0].path.parent / r["source_image"], SIZE)
+        assert (mask & ~foreground_mask(src, "object")).sum() <= 0.05 * mask.sum()
+        changed = np.abs(load_rgb(r["image"], SIZE) - src).max(-1) > 2 / 255
+        assert changed[mask].mean() > 0.3 and changed[~mask].mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext, PretrainContext
+
+    cfg = SLSGConfig(**TINY, gpt_max_iters=16, gpt_batch=4, seg_iters=120, n_normal=2, n_anomalous=4,
+                     optimizer="adam", seg_lr=1e-3)
+    pre = tmp_path_factory.mktemp("slsg_pre")
+    pre_stats = SLSG.pretrain(cfg, PretrainContext("demo", demo, ["grain", "board"], pre, SIZE, 0,
+                                                   torch.device("cpu"), progress=False))
+    data = scan_category(demo, "grain")
+    model = SLSG(cfg)
+    stats = model.fit(FitContext("demo", "grain", data, SIZE, 0, torch.device("cpu"), pretrain_dir=pre,
+                                 progress=False, extra={"object_kind": "texture"}))
+    return model, data, pre, pre_stats, stats
+
+
+def test_gptnet_pretraining_loss_falls_and_writes_encoder(trained):
+    from defectlab.backbones import load_state_dict
+
+    _, _, pre, pre_stats, _ = trained
+    assert pre_stats["gpt_l1_last"] < 0.8 * pre_stats["gpt_l1_first"]
+    assert pre_stats["gpt_loss_last"] < pre_stats["gpt_loss_first"]
+    enc = load_state_dict(pre / "backbone.safetensors")
+    assert "layer4.1.conv2.weight" in enc and (pre / "gptnet.safetensors").exists()
+
+
+def test_segnet_loss_falls_and_uses_gptnet_encoder(trained):
+    from defectlab.backbones import load_state_dict
+
+    model, _, pre, _, stats = trained
+    assert stats["loss_last"] < 0.5 * stats["loss_first"]
+    assert stats["l1_last"] < stats["l1_first"]
+    assert model.meta["encoder"] == "gptnet"
+    # SegNet starts from the GPT-Net encoder (fine-tuned since, so only close to it)
+    enc = load_state_dict(pre / "backbone.safetensors")
+    w = model.net.encoder.conv1.weight.detach().cpu()
+    assert torch.nn.functional.cosine_similarity(w.flatten(), enc["conv1.weight"].flatten(), dim=0) > 0.5
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    from defectlab.methods.base import make_loader
+
+    model, data, *_ = trained
+    model.save(tmp_path / "m")
+    loaded = SLSG.load(tmp_path / "m")
+    batch = next(iter(make_loader(data.test, SIZE, 6)))["image"]
+    s1, m1 = model.predict(batch)
+    s2, m2 = loaded.predict(batch)
+    assert m1.shape == (6, SIZE, SIZE)
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(m1, m2)
+
+
+def test_detects_planted_defects(trained):
+    from defectlab.methods.base import make_loader
+    from defectlab.metrics import compute_all
+
+    model, data, *_ = trained
+    r = model.predict_loader(make_loader(data.test, SIZE, 8))
+    m = compute_all(r["labels"], r["scores"], r["masks"], r["maps"])
+    assert m["image_auroc"] > 0.75, m
+    assert m["pixel_auroc"] > 0.6, m
