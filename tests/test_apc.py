@@ -1,0 +1,191 @@
+"""APC: loss terms of each head, the Gaussian head smoothing, the per-type draw of labelled
+anomalies, a short fine-tune lowering the loss, labelled anomalies never evaluated (through
+pipeline.eval_samples on a fitted, saved and reloaded model), save/load, detection."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from defectlab.backbones import backbone_for_fit
+from defectlab.data import Sample, scan_category
+from defectlab.data.demo import generate_demo
+from defectlab.memory import gaussian_blur
+from defectlab.methods import get_method
+from defectlab.methods.apc import (APC, APCConfig, APCNet, BalancedBatches, GaussianSmoothing, apc_losses,
+                                  draw_labelled)
+from defectlab.methods.base import FitContext, make_loader
+from defectlab.metrics import compute_all
+from defectlab.pipeline import eval_samples, score_category
+
+SIZE = 64
+N = 6
+FAST = dict(embed_dim=128, coreset_ratio=0.25, epochs=3, lr=1e-3, finetune_batch_size=8, n_labelled=N)
+
+
+def ctx_for(data, **kw) -> FitContext:
+    return FitContext(dataset="demo", category=data.category, data=data, image_size=SIZE, seed=0,
+                      device=torch.device("cpu"), progress=False, extra={"object_kind": "texture"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def grain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apc") / "demo"
+    generate_demo(root, seed=0, image_size=SIZE, n_train=20, n_test_good=10, n_test_per_defect=5,
+                  categories=["grain"])
+    return scan_category(root, "grain")
+
+
+@pytest.fixture(scope="module")
+def fitted(grain, tmp_path_factory):
+    torch.manual_seed(0)
+    model = APC(APCConfig(**FAST), "cpu")
+    stats = model.fit(ctx_for(grain))
+    out = tmp_path_factory.mktemp("apc_model") / "grain"
+    model.save(out)
+    return model, stats, APC.load(out)
+
+
+# ---- loss terms -------------------------------------------------------------------------------
+def test_each_head_loss_reacts():
+    cfg = APCConfig(mask_sigma=0.0)
+    labels = torch.tensor([0, 1, 0, 1])
+    masks = torch.zeros(4, 8, 8)
+    masks[1, 2:5, 2:5] = 1
+    masks[3, :, :4] = 1
+    images = torch.rand(4, 3, 8, 8)
+    good = {"cls": (labels * 2 - 1) * 8.0, "seg": ((masks * 2 - 1) * 8.0)[:, None], "recon": images.clone()}
+    bad = {"cls": -good["cls"], "seg": -good["seg"], "recon": images + 0.1}
+    lg, lb = apc_losses(good, images, masks, labels, cfg), apc_losses(bad, images, masks, labels, cfg)
+    assert lg["cls"] < 1e-3 and lb["cls"] > 7                   # BCE on the image label
+    assert lg["seg"] < 1e-3 and lb["seg"] > 7                   # pixel-wise BCE on the mask
+    assert lg["recon"] == 0 and lb["recon"].item() == pytest.approx(0.01, rel=1e-4)   # MSE
+    for t in (lg, lb):                                          # Eq. 1: 10·cls + segm + recon
+        assert t["total"].item() == pytest.approx((10 * t["cls"] + t["seg"] + t["recon"]).item(), rel=1e-5)
+    # smoothed targets: a sharp prediction of the hard mask is no longer optimal
+    smooth = apc_losses(good, images, masks, labels, APCConfig(mask_sigma=1.0))
+    assert smooth["seg"] > lg["seg"] + 0.05
+    # the weights and the head switch act on the total
+    only = apc_losses({"recon": bad["recon"]}, images, masks, labels, APCConfig(recon_weight=3.0))
+    assert set(only) == {"recon", "total"} and only["total"].item() == pytest.approx(0.03, rel=1e-4)
+
+
+def test_network_heads_and_shapes():
+    torch.manual_seed(0)
+    net = APCNet(torchvision.models.resnet18(), APCConfig()).train()
+    x = torch.randn(2, 3, 48, 48)
+    out = net(x)
+    assert out["cls"].shape == (2,) and out["seg"].shape == (2, 1, 48, 48) and out["recon"].shape == (2, 3, 48, 48)
+    terms = apc_losses(out, torch.rand(2, 3, 48, 48), torch.zeros(2, 48, 48), torch.tensor([0, 1]), APCConfig())
+    terms["total"].backward()       # every head's gradient reaches the encoder layers PatchCore reads
+    assert net.backbone.layer2[0].conv1.weight.grad.abs().sum() > 0
+    assert net.backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
+    seg_only = APCNet(torchvision.models.resnet18(), APCConfig(heads=["segmentation"]))
+    assert set(seg_only(x)) == {"seg"}
+
+
+def test_gaussian_smoothing_matches_shared_blur():
+    x = torch.rand(2, 3, 20, 24)
+    ours = GaussianSmoothing(1.5, 3)(x)
+    ref = gaussian_blur(x.reshape(6, 20, 24), 1.5).reshape(2, 3, 20, 24)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_draw_is_uniform_per_defect_type_and_seeded():
+    pool = [Sample(Path(f"/x/test/{t}/{i:03d}.png"), 1, t) for t in "abcd" for i in range(4)]
+    a = draw_labelled(pool, 10, np.random.default_rng(0))
+    assert len(a) == len(set(a)) == 10
+    assert sorted(Counter(s.defect_type for s in a).values()) == [2, 2, 3, 3]
+    assert a == draw_labelled(pool, 10, np.random.default_rng(0))
+    assert len(draw_labelled(pool, 50, np.random.default_rng(0))) == 16      # never more than the pool
+
+
+@pytest.mark.parametrize("cutpaste_prob", [1.0, 0.0])
+def test_balanced_batches_oversample_and_paste_real_anomalies(cutpaste_prob):
+    normals = [np.full((16, 16, 3), 0.2, np.float32) for _ in range(6)]
+    anomaly = np.full((16, 16, 3), 0.9, np.float32)
+    amask = np.zeros((16, 16), bool)
+    amask[4:8, 4:8] = True
+    cfg = APCConfig(finetune_batch_size=4, cutpaste_prob=cutpaste_prob, jitter=0.0)
+    batches = BalancedBatches(normals, [(anomaly, amask)], cfg, np.random.default_rng(0), texture=False)
+    assert len(list(batches)) == len(batches) == 3                # one pass over the normal images
+    for x, m, y in batches:
+        assert y.tolist() == [0, 0, 1, 1]                         # as many anomalous as normal samples
+        assert (m[:2] == 0).all() and (x[:2] == 0.2).all()
+        for i in (2, 3):
+            inside = m[i] > 0
+            assert inside.any() and (x[i][:, inside] == 0.9).all()   # the real anomaly's pixels, under its mask
+            if cutpaste_prob == 1.0:                                  # pasted onto a normal image
+                assert (x[i][:, ~inside] == 0.2).all()
+            else:                                                     # the labelled image itself
+                assert torch.equal(m[i], torch.from_numpy(amask).float())
+
+
+# ---- training -----------------------------------------------------------------------------------
+def test_short_finetune_lowers_loss(fitted):
+    model, stats, _ = fitted
+    hist = model.meta["loss_history"]
+    assert len(hist) == FAST["epochs"]
+    assert stats["loss_total_last"] < 0.8 * stats["loss_total_first"]
+    assert hist[-1]["recon"] < hist[0]["recon"]
+
+
+def test_finetuning_changes_the_patchcore_backbone(fitted, grain):
+    model, _, _ = fitted
+    init = backbone_for_fit("resnet18", "random", None, seed=0).state_dict()
+    tuned = model.extractor.body.state_dict()
+    diff = max((tuned[k] - init[k]).abs().max().item() for k in tuned if k.startswith("layer3") and "weight" in k)
+    assert diff > 1e-3
+    assert model.bank.shape[0] == round(0.25 * len(grain.train) * (SIZE // 8) ** 2)   # normal train patches only
+
+
+# ---- labelled anomalies are never evaluated -----------------------------------------------------
+def test_labelled_anomalies_never_in_evaluation(fitted, grain):
+    model, _, loaded = fitted
+    excluded = model.meta["exclude_from_eval"]
+    assert excluded == model.meta["labelled_anomalies"] and len(excluded) == N
+    test_paths = {str(s.path) for s in grain.test if s.label == 1}
+    assert set(excluded) <= test_paths                                   # drawn from the labelled pool
+    assert len({Path(p).parent.name for p in excluded}) == 4             # every defect type represented
+    for m in (model, loaded):                                            # the list survives save/load
+        kept = eval_samples(m, grain)
+        assert len(kept) == len(grain.test) - N
+        assert not {str(s.path) for s in kept} & set(excluded)
+        out, _ = score_category(m, grain, SIZE, 8)
+        assert not set(out["paths"]) & set(excluded)
+        assert int(out["labels"].sum()) == len(test_paths) - N
+
+
+def test_separate_labelled_pool_is_not_excluded(grain, tmp_path):
+    other = tmp_path / "pool"
+    generate_demo(other, seed=1, image_size=32, n_train=1, n_test_good=0, n_test_per_defect=2, categories=["grain"])
+    model = APC(APCConfig(n_labelled=3, labelled_dir=str(other)), "cpu")
+    chosen = model.labelled_anomalies(ctx_for(grain))
+    assert len(chosen) == 3 and all(str(s.path).startswith(str(other)) for s in chosen)
+    assert model.meta["exclude_from_eval"] == []
+    # the same folder as the evaluation data: drawn images are excluded again
+    same = APC(APCConfig(n_labelled=3, labelled_dir=str(grain.root)), "cpu")
+    same.labelled_anomalies(ctx_for(grain))
+    assert len(same.meta["exclude_from_eval"]) == 3
+
+
+# ---- save/load and detection --------------------------------------------------------------------
+def test_save_load_predicts_identically(fitted, grain):
+    model, _, loaded = fitted
+    assert get_method("apc") is APC
+    batch = next(iter(make_loader(grain.test[:6], SIZE, 6)))["image"]
+    s1, m1 = model.predict(batch)
+    s2, m2 = loaded.predict(batch)
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(m1, m2)
+
+
+def test_detects_planted_defects(fitted, grain):
+    model, _, _ = fitted
+    out = model.predict_loader(make_loader(eval_samples(model, grain), SIZE, 8))
+    m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])
+    assert m["image_auroc"] > 0.75
+    assert m["pixel_auroc"] > 0.7
