@@ -29,3 +29,83 @@ def small_demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo96") / "demo"
     generate_demo(root, seed=0, image_size=96, n_train=24, n_test_good=8, n_test_per_defect=3)
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny copies of the project for the end-to-end tests (dvc repro, flows, MLflow UI)
+# ---------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd, cwd, env=None, timeout=900) -> str:
+    """Run a command; fail the test with its output tail when it fails."""
+    import subprocess
+
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def make_project(dest: Path, *, categories, methods, size: int = 64, n_train: int = 12, n_test_good: int = 4,
+                 n_test_per_defect: int = 2, backbone: bool = True, extra: dict | None = None) -> Path:
+    """Copy the project (src, stages, dvc.yaml, params.yaml) to ``dest`` with a small matrix and tiny
+    images. ``backbone=True`` keeps the DS2 backbone stage with a few-second training budget;
+    ``False`` drops it (and the deps on its output) for tests whose methods use random weights."""
+    import shutil
+
+    import yaml
+
+    for item in ("src", "stages", "dvc.yaml", "params.yaml", ".dvcignore"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["run"] = {"datasets": ["demo"], "categories": list(categories), "methods": list(methods)}
+    demo = params["datasets"]["demo"]
+    demo.update(categories=list(categories), image_size=size,
+                texture_categories=[c for c in demo["texture_categories"] if c in categories],
+                generator={"image_size": size, "n_train": n_train, "n_test_good": n_test_good,
+                           "n_test_per_defect": n_test_per_defect})
+    params["synthesis"]["cache"]["smoke"] = {"n": 4, "image_size": size}
+    params["evaluation"]["eval"]["smoke"] = {"n_overlays": 2}
+    params["backbone"]["ds2"]["smoke"].update(crop_size=32, batch_size=8, epochs=1, proj_hidden=64, proj_dim=32)
+    for key, value in (extra or {}).items():     # "a.b.c": value
+        *path, last = key.split(".")
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not backbone:
+        dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
+        del dvc["stages"]["backbone"]
+        for stage in dvc["stages"].values():
+            body = stage.get("do", stage)
+            body["deps"] = [d for d in body.get("deps", []) if not str(d).startswith("models/backbone/")]
+        (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    return dest
+
+
+def project_env(proj: Path) -> dict:
+    import sys
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(proj / "src"), DEFECTLAB_TRACKING="on")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def git_dvc_init(proj: Path, env: dict) -> None:
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        sh(cmd, proj, env)
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory):
+    """A tiny project (patchcore + padim on weave + board, DS2 backbone stage included) after one
+    full `dvc repro` with MLflow tracking on: (project, env, output of the first repro)."""
+    proj = make_project(tmp_path_factory.mktemp("proj"), categories=["weave", "board"], methods=["patchcore", "padim"])
+    env = project_env(proj)
+    git_dvc_init(proj, env)
+    first = sh(["dvc", "repro"], proj, env)
+    return proj, env, first

@@ -3,48 +3,18 @@ run; a second `dvc repro` runs nothing; a method's param change dirties only tha
 a dataset param change dirties the dataset's stage (and so everything downstream)."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import sh
+
 pytestmark = pytest.mark.slow
 
 
-def sh(cmd, cwd, env):
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout + r.stderr
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    proj = tmp_path_factory.mktemp("proj")
-    for item in ("src", "stages", "dvc.yaml", "params.yaml", ".dvcignore"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / item)
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["run"] = {"datasets": ["demo"], "categories": ["weave", "board"], "methods": ["patchcore", "padim"]}
-    demo = params["datasets"]["demo"]
-    demo["categories"] = ["weave", "board"]
-    demo["image_size"] = 64
-    demo["generator"] = {"image_size": 64, "n_train": 12, "n_test_good": 4, "n_test_per_defect": 2}
-    params["synthesis"]["cache"]["smoke"] = {"n": 4, "image_size": 64}
-    params["evaluation"]["eval"]["smoke"] = {"n_overlays": 2}
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PYTHONPATH=str(proj / "src"), DEFECTLAB_TRACKING="on", OMP_NUM_THREADS="2")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
-                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        sh(cmd, proj, env)
-    first = sh(["dvc", "repro"], proj, env)
-    return proj, env, first
+def project(repro_project):
+    return repro_project
 
 
 def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
@@ -59,7 +29,10 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
     assert "| patchcore | demo | weave |" in (proj / "reports/results.md").read_text()
     assert (proj / "reports/results.png").exists()
     n_stages = first.count("Running stage")
-    assert n_stages == 1 + 2 + 2 + 4 + 4 + 1
+    assert n_stages == 1 + 2 + 1 + 2 + 4 + 4 + 1     # prepare, synthesize, backbone, pretrain, fit, evaluate, report
+    assert (proj / "models/backbone/demo/ds2/backbone.safetensors").exists()
+    for curve in ("roc_image", "pr_image", "roc_pixel", "pr_pixel", "pro"):
+        assert json.loads((proj / f"plots/{curve}/patchcore/demo/weave.json").read_text())
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
