@@ -105,3 +105,24 @@ def test_metrics_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "m.json", {"auroc": float("nan")})
     assert not list(tmp_path.iterdir())
+
+
+def test_prepare_keeps_images_the_retrain_flow_accepted(tmp_path):
+    import shutil
+
+    import yaml
+
+    from defectlab.config import Params
+    from defectlab.pipeline import Layout, prepare
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["datasets"]["demo"].update(categories=["grain"], generator={"image_size": 32, "n_train": 3,
+                                                                     "n_test_good": 1, "n_test_per_defect": 1})
+    params, layout = Params(raw), Layout(tmp_path)
+    prepare(params, "demo", layout)
+    accepted = tmp_path / "data/accepted/demo/grain"
+    accepted.mkdir(parents=True)
+    shutil.copy(tmp_path / "data/prepared/demo/grain/train/good/000.png", accepted / "incoming_abc.png")
+    summary = prepare(params, "demo", layout)             # a rerun of the stage
+    assert summary["grain"]["train"] == 4
+    assert (tmp_path / "data/prepared/demo/grain/train/good/incoming_abc.png").exists()

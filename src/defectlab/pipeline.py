@@ -92,6 +92,7 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
 
             prepare_dataset(spec.source, Path(spec.root or f"data/raw/{spec.source}"), tmp, download=spec.download,
                             insecure_skip_checksum=spec.insecure_skip_checksum)
+        merge_accepted(params, dataset, spec.categories, tmp, layout)
         rows = []
         for cat in spec.categories:
             data = scan_category(tmp, cat)
@@ -110,6 +111,28 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
                      "test": sum(1 for r in rows if r["category"] == cat and r["split"] == "test")}
                for cat in spec.categories}
     return summary
+
+
+def accepted_dir(params: Params, layout: Layout = Layout()) -> Path:
+    """Where the retrain flow archives the new normal images it accepted (``flows.retrain.accepted_dir``)."""
+    rel = ((params.raw.get("flows") or {}).get("retrain") or {}).get("accepted_dir") or "data/accepted"
+    return layout.root / rel
+
+
+def merge_accepted(params: Params, dataset: str, categories, out: Path, layout: Layout = Layout()) -> int:
+    """Add the images the retrain flow accepted (``<accepted_dir>/<ds>/<cat>/``) to the prepared
+    training sets, so a rerun of `prepare` keeps every data version the flow recorded."""
+    import shutil
+
+    n = 0
+    for cat in categories:
+        src = accepted_dir(params, layout) / dataset / cat
+        if src.is_dir():
+            for p in sorted(src.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    shutil.copy2(p, out / cat / "train" / "good" / p.name)
+                    n += 1
+    return n
 
 
 def category_data(params: Params, dataset: str, category: str, layout: Layout = Layout()):
