@@ -28,7 +28,6 @@ challenger (it is what dvc.lock describes) while ``inspect`` keeps using the cha
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 import tempfile
@@ -38,15 +37,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from defectlab.io import sha256_file
 from pipelines.common import flows_params, in_dir, run_dvc, setup_tracking, stage_graph
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_image(path: Path, min_size: int) -> str | None:
@@ -77,11 +69,11 @@ def validate_incoming(root: str, dataset: str, category: str) -> dict:
     incoming = root_p / cfg.incoming_dir / dataset / category
     quarantine = root_p / cfg.quarantine_dir / dataset / category
     prepared = root_p / "data" / "prepared" / dataset / category / "train" / "good"
-    known = {_sha256(p) for p in prepared.iterdir() if p.is_file()} if prepared.is_dir() else set()
+    known = {sha256_file(p) for p in prepared.iterdir() if p.is_file()} if prepared.is_dir() else set()
     accepted, rejected = [], []
     files = sorted(p for p in incoming.iterdir() if p.is_file() and not p.name.startswith(".")) if incoming.is_dir() else []
     for path in files:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         reason = check_image(path, cfg.min_size)
         if reason is None and digest in known:
             reason = "duplicate of an image already in the training set"

@@ -15,7 +15,6 @@ Paths (relative to the repository root, see ARCHITECTURE.md):
 from __future__ import annotations
 
 import csv
-import hashlib
 import resource
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from defectlab.config import EvalParams, Params, SynthesisParams
-from defectlab.io import atomic_dir, write_json
+from defectlab.io import atomic_dir, sha256_file, write_json
 
 
 #: the curves the evaluate stage writes for `dvc plots` (see metrics.curves)
@@ -63,14 +62,6 @@ class Layout:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

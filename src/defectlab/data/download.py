@@ -36,6 +36,7 @@ import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from defectlab.errors import DatasetError, DownloadError, UnsafeArchiveError
+from defectlab.io import replace_dir
 
 CHUNK = 1 << 20
 USER_AGENT = "defectlab-downloader/1.0"
@@ -288,13 +289,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int | No
                     tf.extractall(tmp, members=members, filter="data")
                 except tarfile.FilterError as err:  # pragma: no cover - our checks run first
                     raise UnsafeArchiveError(f"{archive}: {err}") from None
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise DatasetError(archive, f"damaged archive ({err})") from None
     finally:

@@ -75,7 +75,7 @@ from defectlab.config import StrictModel
 from defectlab.data import load_image, scan_category
 from defectlab.data.mvtec import IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from defectlab.errors import ConfigError, ResourceMissingError
-from defectlab.io import atomic_path, write_json
+from defectlab.io import atomic_path, sha256_file, write_json
 from defectlab.losses import focal_loss
 from defectlab.memory import knn
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
@@ -638,7 +638,7 @@ class DSR(AnomalyMethod):
         self.net.vq.load_state_dict({k: v.to(self.device) for k, v in
                                      load_file(str(Path(ctx.pretrain_dir) / "vq.safetensors")).items()})
         self.net.vq.eval().requires_grad_(False)
-        self.meta["stage1_sha256"] = sha256_of(Path(ctx.pretrain_dir) / "vq.safetensors")
+        self.meta["stage1_sha256"] = sha256_file(Path(ctx.pretrain_dir) / "vq.safetensors")
 
     def stage2_path(self, ctx: FitContext) -> Path | None:
         """Where the stage-2 weights for this exact input live (None without a work dir)."""
@@ -874,11 +874,3 @@ def codebook_usage(vq: QuantizedAutoencoder, images: GeneralImages, device: torc
     recon = F.mse_loss(vq.decode(enc.lo.quantized, enc.hi.quantized), x).item()
     return {"codebook_usage_lo": enc.lo.indices.unique().numel() / size,
             "codebook_usage_hi": enc.hi.indices.unique().numel() / size, "stage1_eval_mse": recon}
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
