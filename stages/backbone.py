@@ -1,14 +1,10 @@
 """DVC stage: DS2 dense self-supervised pretraining of the shared backbone on one dataset's normal
 images (params `backbone.ds2`); every method with `weights: ds2` starts from it."""
 
-import argparse
-
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
 
-ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--dataset", required=True)
-args = ap.parse_args()
+args = stage_args(__doc__, "dataset")
 
 
 def body(params, run):

@@ -1,15 +1,9 @@
 """DVC stage: fit one method on one category's normal images (memory bank / density / network)."""
 
-import argparse
-
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
 
-ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--method", required=True)
-ap.add_argument("--dataset", required=True)
-ap.add_argument("--category", required=True)
-args = ap.parse_args()
+args = stage_args(__doc__, "method", "dataset", "category")
 
 
 def body(params, run):

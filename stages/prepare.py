@@ -1,13 +1,9 @@
 """DVC stage: materialise a dataset (generate the demo set or convert a public one) in MVTec layout."""
 
-import argparse
-
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
 
-ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--dataset", required=True)
-args = ap.parse_args()
+args = stage_args(__doc__, "dataset")
 
 
 def body(params, run):

@@ -1,14 +1,9 @@
 """DVC stage: dataset-level pretraining of a method (or freezing its configured backbone weights)."""
 
-import argparse
-
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
 
-ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--method", required=True)
-ap.add_argument("--dataset", required=True)
-args = ap.parse_args()
+args = stage_args(__doc__, "method", "dataset")
 
 
 def body(params, run):

@@ -1,14 +1,9 @@
 """DVC stage: build the cached synthetic-anomaly set of one category (seeded, deterministic)."""
 
-import argparse
-
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
 
-ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--dataset", required=True)
-ap.add_argument("--category", required=True)
-args = ap.parse_args()
+args = stage_args(__doc__, "dataset", "category")
 
 
 def body(params, run):

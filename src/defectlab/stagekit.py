@@ -12,6 +12,16 @@ from defectlab.config import Params
 from defectlab.errors import DefectlabError
 
 
+def stage_args(doc: str, *names: str):
+    """Parse the stage's ``--<name>`` options (all required), e.g. ``stage_args(__doc__, "method", "dataset")``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    for name in names:
+        ap.add_argument(f"--{name}", required=True)
+    return ap.parse_args()
+
+
 @contextlib.contextmanager
 def stage_lock(name: str, lock_dir: str | Path = ".dvc/tmp/defectlab-locks"):
     """One process at a time per stage (e.g. a scheduled retrain and a manual `dvc repro`): the
