@@ -55,8 +55,9 @@ def make_project(dest: Path, *, categories, methods, size: int = 64, n_train: in
 
     import yaml
 
-    for item in ("src", "stages", "dvc.yaml", "params.yaml", ".dvcignore"):
+    for item in ("src", "stages", "dvc.yaml", "params.yaml", ".dvcignore", "data/accepted"):
         src = ROOT / item
+        (dest / item).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["run"] = {"datasets": ["demo"], "categories": list(categories), "methods": list(methods)}
