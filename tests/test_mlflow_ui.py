@@ -91,7 +91,8 @@ def test_mlflow_ui_shows_experiment_runs_and_metric(server):
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name("demo")
     runs = mlflow.search_runs([exp.experiment_id])
-    ev = runs[runs["tags.stage"] == "evaluate"].iloc[0]
+    ev = runs[(runs["tags.stage"] == "evaluate") & (runs["tags.method"] == "patchcore")
+              & (runs["tags.category"] == "board")].iloc[0]
     exe = browser()
     shot = ROOT / "reports" / "mlflow_ui.png"
     shot.parent.mkdir(exist_ok=True)
