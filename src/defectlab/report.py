@@ -121,7 +121,7 @@ def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), csv_rows
 
 
-def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 128) -> None:
+def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 96) -> None:
     """One row per method/dataset/category with its first ``per_row`` overlays."""
     rows = []
     for cat_dir in sorted(p for p in maps_root.glob("*/*/*") if p.is_dir()):
@@ -142,7 +142,7 @@ def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 128) -
         for j, part in enumerate(name.split("/")):
             draw.text((2, k * tile + 4 + 12 * j), part[:10], fill=(255, 255, 255))
     with atomic_path(out_png) as tmp:
-        img.save(tmp, format="PNG")
+        img.quantize(256).save(tmp, format="PNG", optimize=True)   # palette PNG: small enough to keep in git
 
 
 def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Path:
