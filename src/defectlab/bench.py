@@ -59,7 +59,7 @@ def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weight
 
     loader = torch.utils.data.DataLoader([{"image": im} for im in train], batch_size=batch_size)
 
-    def fit(proj_dim, batch=32):
+    def fit(proj_dim, batch=64):
         """PatchCore's own fit path (streamed patch features, then coreset) on preloaded tensors."""
         model = PatchCore(PatchCoreConfig(backbone=backbone, layers=list(layers), embed_dim=embed_dim,
                                           coreset_ratio=coreset_ratio, coreset_proj_dim=proj_dim,

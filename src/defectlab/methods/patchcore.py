@@ -34,7 +34,7 @@ class PatchCoreConfig(StrictModel):
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     coreset_proj_dim: int | None = 128
-    coreset_batch: int = 32       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
+    coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
     max_bank_ram_mb: float = 1024  # patch features beyond this go to a temp file while the coreset is chosen
     num_neighbors: int = 9
     sigma: float = 4.0
