@@ -75,3 +75,29 @@ def test_param_changes_dirty_only_what_they_feed(project):
     finally:
         (proj / "params.yaml").write_text(original)
     assert _dirty_stages(proj, env) == set()
+
+
+def test_killed_stage_leaves_previous_output_and_next_repro_finishes_it(project):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proj, env, _ = project
+    model = proj / "models/padim/demo/weave/model.safetensors"
+    before = model.read_bytes()
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["methods"]["padim"]["smoke"]["n_features"] = 40           # dirty padim's stages
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", "fit@padim-demo-weave"], cwd=proj, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:                                          # wait until the stage is running
+        if "Running stage" in line:
+            break
+    time.sleep(4)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert model.read_bytes() == before                               # the previous model is intact
+    sh(["dvc", "repro"], proj, env)                                   # the next run finishes the job
+    assert model.read_bytes() != before
+    assert _dirty_stages(proj, env) == set()
