@@ -189,3 +189,38 @@ def test_detects_planted_defects(fitted, grain):
     m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])
     assert m["image_auroc"] > 0.75
     assert m["pixel_auroc"] > 0.7
+
+
+def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monkeypatch):
+    import defectlab.methods.apc as apc_module
+
+    cfg = APCConfig(**{**FAST, "epochs": 2})
+    labelled = APC(cfg, "cpu").labelled_anomalies(ctx_for(grain))
+
+    def finetune(work_dir):
+        model = APC(cfg, "cpu")
+        model.labelled_anomalies(ctx_for(grain))
+        backbone = backbone_for_fit(cfg.backbone, cfg.weights, None, seed=0)
+        model.finetune(backbone, ctx_for(grain, work_dir=work_dir), labelled)
+        return model.meta["loss_history"], backbone
+
+    calls = {"n": 0, "limit": None}
+    real = apc_module.apc_losses
+
+    def counting(*a, **kw):                    # counts batches; "dies" past the limit
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(apc_module, "apc_losses", counting)
+    reference, ref_backbone = finetune(tmp_path / "a")
+    calls.update(n=0, limit=calls["n"] // 2 + 1)   # dies in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "b")
+    assert (tmp_path / "b" / "apc-finetune.pt").exists()       # epoch 1 was saved
+    monkeypatch.setattr(apc_module, "apc_losses", real)
+    resumed, backbone = finetune(tmp_path / "b")
+    assert resumed == reference
+    for a, b in zip(ref_backbone.state_dict().values(), backbone.state_dict().values()):
+        assert torch.equal(a, b)

@@ -177,7 +177,7 @@ class NearestNeighbourIndex:
     """
 
     def __init__(self, bank: torch.Tensor, *, backend: str = "torch", approx: str | None = None,
-                 chunk: int = 4096, nprobe: int = 16):
+                 chunk: int = 4096, nprobe: int = 64):
         self.bank = bank.float().contiguous()
         self.backend = "faiss" if approx else backend
         self.chunk = chunk

@@ -49,8 +49,10 @@ project's self-supervised DS2 checkpoint or ImageNet stand in. The default ``pre
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -367,8 +369,22 @@ class APC(PatchCore):
         texture = ctx.extra.get("object_kind") == "texture"
         batches = BalancedBatches(normals, anomalies, cfg, np.random.default_rng([ctx.seed, 90]), texture)
         history: list[dict[str, float]] = []
-        bar = tqdm(range(cfg.epochs), desc=f"apc fine-tune {ctx.category}", disable=not ctx.progress, leave=False)
-        for _ in bar:
+        # resumable: one checkpoint per epoch in ctx.work_dir, valid only for the same config and data
+        ckpt = Path(ctx.work_dir) / "apc-finetune.pt" if ctx.work_dir else None
+        key = json.dumps([cfg.model_dump(mode="json"), ctx.category, ctx.seed, size,
+                          [str(s.path) for s in ctx.data.train], [str(s.path) for s in labelled]], sort_keys=True)
+        start = 0
+        if ckpt is not None and ckpt.exists():
+            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+            if state.get("key") == key:
+                net.load_state_dict(state["net"])
+                opt.load_state_dict(state["opt"])
+                history, start = state["history"], int(state["epoch"])
+        bar = tqdm(range(start, cfg.epochs), desc=f"apc fine-tune {ctx.category}", disable=not ctx.progress,
+                   leave=False)
+        for epoch in bar:
+            batches.rng = np.random.default_rng([ctx.seed, 90, epoch])     # per epoch: resumes identically
+            torch.manual_seed(ctx.seed * 1000 + epoch)
             sums: dict[str, float] = {}
             for x01, m, y in batches:
                 x01, m, y = x01.to(self.device), m.to(self.device), y.to(self.device)
@@ -380,6 +396,12 @@ class APC(PatchCore):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
             history.append({k: v / len(batches) for k, v in sums.items()})
             bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+            if ckpt is not None:
+                from defectlab.io import atomic_path
+
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"key": key, "epoch": epoch + 1, "history": history, "net": net.state_dict(),
+                                "opt": opt.state_dict()}, tmp)
         backbone.eval()
         self.meta["loss_history"] = history
         stats = {"finetune_epochs": float(cfg.epochs), "n_labelled": float(len(labelled)),
