@@ -114,3 +114,13 @@ def test_feature_store_spills_to_disk_and_gathers_the_same_rows():
     idx = torch.tensor([499, 3, 250, 3, 0])
     assert torch.equal(ram.gather(idx), rows[idx]) and torch.equal(disk.gather(idx), rows[idx])
     disk.close()
+
+
+def test_large_bank_harness_exact_answers_across_chunks():
+    from defectlab.bench import bench_large_bank
+
+    # probing every IVF list with flat storage is exact: recall must be 1 if the chunked ground truth is right
+    r = bench_large_bank(5000, 32, index="IVF16,Flat", n_queries=200, nprobe=16, chunk=777)
+    assert r["recall_at_1"] == 1.0
+    r = bench_large_bank(5000, 32, index="IVF16,Flat", n_queries=200, nprobe=1, chunk=777)
+    assert r["recall_at_1"] < 1.0

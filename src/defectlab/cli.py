@@ -66,7 +66,7 @@ def bench(
     device: str = typer.Option("auto"),
     exact: bool = typer.Option(True, help="also time exact (one-at-a-time, unprojected) greedy coreset"),
     bank: Optional[str] = typer.Option(None, help="also test an approximate faiss index on a random N,D bank, e.g. 1000000,1024"),
-    index: str = typer.Option("IVF1024,SQ8", help="faiss index-factory string for --bank"),
+    index: str = typer.Option("IVF1024,SQfp16", help="faiss index-factory string for --bank"),
     out: Path = typer.Option(Path("reports/bench.json"), help="write the figures here (JSON; a .md table beside it)"),
 ) -> None:
     """Speed/memory figures of the memory-bank path as ratios to the backbone's forward time."""

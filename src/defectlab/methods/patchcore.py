@@ -40,7 +40,7 @@ class PatchCoreConfig(StrictModel):
     sigma: float = 4.0
     batch_size: int = 8
     knn_backend: Literal["torch", "faiss"] = "torch"
-    knn_approx: str | None = None  # faiss index-factory string for very large banks
+    knn_approx: str | None = None  # faiss index-factory string for very large banks, e.g. "IVF1024,SQfp16"
 
 
 class PatchCore(AnomalyMethod):
