@@ -49,7 +49,7 @@ def dvc_stage(stage: str, root: str, force: bool = False, pull: bool = False, pu
 @flow(name="reproduce", log_prints=True)
 def reproduce_flow(root: str = ".", stages: list[str] | None = None, force: bool = False) -> dict:
     """Run the DVC pipeline of ``root`` stage by stage (``stages``: only these addresses and
-    their upstream, e.g. ``["evaluate@patchcore-demo-weave"]``)."""
+    their upstream, e.g. ``["evaluate@patchcore-demo"]``)."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     cfg = flows_params(root_path).reproduce

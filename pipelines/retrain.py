@@ -12,9 +12,12 @@ dataset (hence the same category) never interleave their writes to data/, dvc.lo
    ``data/prepared/<ds>/<cat>/train/good/incoming_<sha>.png`` (and archived in
    ``<accepted_dir>/<ds>/<cat>/``), the manifest gets their rows, and ``dvc commit`` records the
    new version of the prepare stage's output in dvc.lock.
-3. **rerun affected stages**: ``dvc repro evaluate@<m>-<ds>-<cat>``: DVC reruns only what depends
-   on the changed category (its synthesis cache, the dataset's pretrain, this fit and evaluate),
-   then the stages consuming that evaluation (the report); other categories and methods are untouched. The fit stage registers a new model version.
+3. **rerun affected stages**: ``dvc repro evaluate@<m>-<ds>``: DVC reruns what depends on the
+   changed data: the synthesis cache (identical files for the other categories), the dataset's
+   pretrain, this category's ``train@<m>-<ds>-<cat>`` only (other categories' trainings stay
+   cached), the method's dataset-wide fit and evaluate, then the report; other methods are
+   untouched. The fit stage registers a new model version for the changed category only (an
+   unchanged model is not registered again).
 4. **compare** on the held-out test set: the challenger's score is the evaluate stage's metric;
    the champion is re-scored now on the same test set (so both numbers see the same data).
 5. **decide** (``defectlab.champion.decide``): promote unless worse by more than ``margin``; set
@@ -131,7 +134,7 @@ def add_to_training_set(root: str, dataset: str, category: str, accepted: list[d
 
 @task(name="rerun-affected-stages")
 def rerun_stages(root: str, method: str, dataset: str, category: str) -> str:
-    target = f"evaluate@{method}-{dataset}-{category}"
+    target = f"evaluate@{method}-{dataset}"
     out = run_dvc(["repro", target], Path(root))
     for stage, deps in stage_graph(Path(root)):   # and what consumes the metrics (the report)
         if target in deps:

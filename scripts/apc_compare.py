@@ -1,7 +1,8 @@
 """APC vs plain PatchCore on the same backbone and the same (reduced) test set.
 
 For each category: APC draws its N labelled anomalies from the test set, fine-tunes the
-backbone and builds PatchCore's bank on it; plain PatchCore uses the *same* initial backbone
+backbone (``train``) and builds PatchCore's bank on it (``fit`` on a fresh instance reading the
+saved train output, as the DVC `train` and `fit` stages do; ``pipeline.train_and_fit``); plain PatchCore uses the *same* initial backbone
 (same ``backbone`` / ``weights`` / seed) and the *same* PatchCore settings (every PatchCore field
 of the APC config). Both are scored on ``pipeline.eval_samples(apc, data)``: the test set minus
 APC's labelled anomalies. Writes ``<out>/apc_compare.json`` and ``<out>/apc_compare.md``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from defectlab.methods.apc import APC, APCConfig
 from defectlab.methods.base import FitContext, make_loader
 from defectlab.methods.patchcore import PatchCore, PatchCoreConfig
 from defectlab.metrics import compute_all
-from defectlab.pipeline import eval_samples, seed_everything
+from defectlab.pipeline import eval_samples, seed_everything, train_and_fit
 
 KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
 
@@ -71,9 +73,9 @@ def main() -> None:
                          device=device, progress=False,
                          extra={"object_kind": "texture" if CATEGORIES[cat].kind == "texture" else "object"})
         seed_everything(args.seed)
-        apc = APC(cfg, device)
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = apc.fit(ctx)
+        with tempfile.TemporaryDirectory(prefix="apc-train-") as train_dir:
+            apc, stats = train_and_fit(APC, cfg, ctx, Path(train_dir), device)
         apc_s, apc_cpu = time.perf_counter() - t0, time.process_time() - c0
         samples = eval_samples(apc, data)
         seed_everything(args.seed)

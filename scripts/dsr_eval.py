@@ -1,5 +1,8 @@
-"""DSR on the demo data, outside DVC: stage 1 once on all categories, stages 2+3 per category,
-then image AUROC / pixel AUROC / AUPRO per category (defectlab.metrics.compute_all).
+"""DSR on the demo data, outside DVC: stage 1 (pretrain) once on all categories, then per category
+stage 2 (train, saved to <out>/train-<profile>/<cat>) and stage 3 (fit on a fresh instance reading
+that train output, as the DVC stages chain them: defectlab.pipeline.train_and_fit), then image
+AUROC / pixel AUROC / AUPRO per category (defectlab.metrics.compute_all). "fit" times below are
+stages 2 + 3 together.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python scripts/dsr_eval.py --profile smoke \
         --out /tmp/dsr_eval [--root data/prepared/demo] [--set stage2_iters=400 ...]
@@ -25,7 +28,7 @@ from defectlab.data import scan_category
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
 from defectlab.methods.dsr import DSR, DSRConfig
 from defectlab.metrics import compute_all
-from defectlab.pipeline import seed_everything
+from defectlab.pipeline import seed_everything, train_and_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +84,10 @@ def main() -> None:
     for cat in args.categories:
         data = scan_category(root, cat)
         seed_everything(args.seed)
-        model = DSR(cfg, device)
         ctx = FitContext(dataset="demo", category=cat, data=data, image_size=args.size, seed=args.seed,
                          device=device, pretrain_dir=pre, progress=args.progress)
         t1, c1 = time.perf_counter(), time.process_time()
-        stats = model.fit(ctx)
+        model, stats = train_and_fit(DSR, cfg, ctx, args.out / f"train-{args.profile}" / cat)
         fit_s, fit_cpu = time.perf_counter() - t1, time.process_time() - c1
         out = model.predict_loader(make_loader(data.test, args.size, batch_size=8))
         m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])

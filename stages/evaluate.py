@@ -1,20 +1,27 @@
-"""DVC stage: score one category's test set with a fitted model; write metrics, curves and overlays."""
+"""DVC stage: score every category's test set of a dataset with the fitted models; write metrics,
+curves and overlays (one MLflow child run per category)."""
 
 from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
-args = stage_args(__doc__, "method", "dataset", "category")
+args = stage_args(__doc__, "method", "dataset")
 
 
 def body(params, run):
-    layout = pipeline.Layout()
     _, cfg = pipeline.load_method_config(params, args.method)
     run.log_params({"method": cfg.model_dump(mode="json")})
-    metrics = pipeline.evaluate(params, args.method, args.dataset, args.category, layout)
-    run.log_artifacts(layout.maps(args.method, args.dataset, args.category), "heatmaps")
-    for curve in pipeline.CURVES:
-        run.log_artifacts(layout.plot(curve, args.method, args.dataset, args.category), f"curves/{curve}")
-    return metrics
+
+    def each(category, metrics, dest):
+        with run.child(category) as child:
+            child.log_metrics(metrics)
+            child.log_artifacts(dest["maps"] / category, "heatmaps")
+            for curve in pipeline.CURVES:
+                child.log_artifacts(dest["plots"][curve] / f"{category}.json", f"curves/{curve}")
+
+    results = pipeline.evaluate_dataset(params, args.method, args.dataset, each=each)
+    keys = ("image_auroc", "pixel_auroc", "aupro")
+    return {f"mean_{k}": sum(m[k] for m in results.values() if m.get(k) is not None) /
+            max(1, sum(1 for m in results.values() if m.get(k) is not None)) for k in keys}
 
 
-run_stage("evaluate", body, dataset=args.dataset, method=args.method, category=args.category)
+run_stage("evaluate", body, dataset=args.dataset, method=args.method)

@@ -1,16 +1,20 @@
-"""DVC stage: build the cached synthetic-anomaly set of one category (seeded, deterministic)."""
+"""DVC stage: build the cached synthetic-anomaly sets of a dataset's categories (seeded, deterministic)."""
 
 from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
-args = stage_args(__doc__, "dataset", "category")
+args = stage_args(__doc__, "dataset")
 
 
 def body(params, run):
-    stats = pipeline.synthesize(params, args.dataset, args.category)
     run.log_params({"synthesis": params.profiled("synthesis", "cache")})
-    run.log_artifacts(pipeline.Layout().synth(args.dataset, args.category) / "index.csv")
-    return stats
+
+    def each(category, out_dir, stats):
+        with run.child(category) as child:
+            child.log_metrics(stats)
+            child.log_artifacts(out_dir / "index.csv")
+
+    pipeline.synthesize_dataset(params, args.dataset, each=each)
 
 
-run_stage("synthesize", body, dataset=args.dataset, category=args.category)
+run_stage("synthesize", body, dataset=args.dataset)

@@ -60,7 +60,9 @@ def make_project(dest: Path, *, categories, methods, size: int = 64, n_train: in
         (dest / item).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["run"] = {"datasets": ["demo"], "categories": list(categories), "methods": list(methods)}
+    trains = [m for m in methods if m in params["run"].get("train_methods", [])]
+    params["run"] = {"datasets": ["demo"], "categories": list(categories), "methods": list(methods),
+                     "train_methods": trains}
     demo = params["datasets"]["demo"]
     demo.update(categories=list(categories), image_size=size,
                 texture_categories=[c for c in demo["texture_categories"] if c in categories],
@@ -76,13 +78,15 @@ def make_project(dest: Path, *, categories, methods, size: int = 64, n_train: in
             node = node.setdefault(p, {})
         node[last] = value
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
+    if not trains:                     # DVC refuses a matrix over an empty list
+        del dvc["stages"]["train"]
     if not backbone:
-        dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
         del dvc["stages"]["backbone"]
         for stage in dvc["stages"].values():
             body = stage.get("do", stage)
             body["deps"] = [d for d in body.get("deps", []) if not str(d).startswith("models/backbone/")]
-        (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     return dest
 
 

@@ -1,7 +1,10 @@
 """APC: loss terms of each head, the Gaussian head smoothing, the per-type draw of labelled
-anomalies, a short fine-tune lowering the loss, labelled anomalies never evaluated (through
-pipeline.eval_samples on a fitted, saved and reloaded model), save/load, detection."""
+anomalies, a short fine-tune lowering the loss, the train / fit split (train -> save_trained ->
+fit on a new instance, no retraining, the encoder-only trained tensors), labelled anomalies never
+evaluated (through pipeline.eval_samples on a trained, fitted, saved and reloaded model),
+save/load, detection, resumable fine-tuning."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -13,13 +16,14 @@ import torchvision
 from defectlab.backbones import backbone_for_fit
 from defectlab.data import Sample, scan_category
 from defectlab.data.demo import generate_demo
+from defectlab.errors import ResourceMissingError
 from defectlab.memory import gaussian_blur
 from defectlab.methods import get_method
 from defectlab.methods.apc import (APC, APCConfig, APCNet, BalancedBatches, GaussianSmoothing, apc_losses,
                                   draw_labelled)
 from defectlab.methods.base import FitContext, make_loader
 from defectlab.metrics import compute_all
-from defectlab.pipeline import eval_samples, score_category
+from defectlab.pipeline import eval_samples, score_category, train_and_fit
 
 SIZE = 64
 N = 6
@@ -40,10 +44,23 @@ def grain(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fitted(grain, tmp_path_factory):
+def trained_dir(grain, tmp_path_factory):
+    """The `train` stage's output, as pipeline.train / train_and_fit write it."""
     torch.manual_seed(0)
+    trainer = APC(APCConfig(**FAST), "cpu")
+    stats = trainer.train(ctx_for(grain))
+    trainer.meta["train"] = dict(stats)
+    out = tmp_path_factory.mktemp("apc_train") / "grain"
+    trainer.save_trained(out)
+    return out, stats
+
+
+@pytest.fixture(scope="module")
+def fitted(grain, trained_dir, tmp_path_factory):
+    """train -> save_trained -> fit on a NEW instance -> save -> load (as the DVC stages do)."""
+    train_dir, train_stats = trained_dir
     model = APC(APCConfig(**FAST), "cpu")
-    stats = model.fit(ctx_for(grain))
+    stats = {**train_stats, **model.fit(ctx_for(grain, train_dir=train_dir))}
     out = tmp_path_factory.mktemp("apc_model") / "grain"
     model.save(out)
     return model, stats, APC.load(out)
@@ -142,6 +159,52 @@ def test_finetuning_changes_the_patchcore_backbone(fitted, grain):
     assert model.bank.shape[0] == round(0.25 * len(grain.train) * (SIZE // 8) ** 2)   # normal train patches only
 
 
+# ---- train / fit split ----------------------------------------------------------------------------
+def test_trained_tensors_are_the_encoder_only(trained_dir):
+    from safetensors.torch import load_file
+
+    train_dir, _ = trained_dir
+    assert APC.trains_per_category
+    keys = set(load_file(str(train_dir / "trained.safetensors")))
+    assert keys and all(k.startswith("backbone.") for k in keys)            # no decoder, no heads
+    assert any(k.startswith("backbone.layer3.") for k in keys)
+    assert not any(k.startswith(("backbone.layer4.", "backbone.fc.")) for k in keys)   # unread layers
+    info = json.loads((train_dir / "trained.json").read_text())
+    assert len(info["meta"]["exclude_from_eval"]) == N and "loss_history" in info["meta"]
+
+
+def test_fit_on_fresh_instance_matches_train_and_fit(grain, trained_dir, tmp_path, monkeypatch):
+    cfg = APCConfig(**FAST)
+    torch.manual_seed(0)
+    reference, stats = train_and_fit(APC, cfg, ctx_for(grain), tmp_path / "train")
+    assert "loss_total_last" in stats and "bank_size" in stats
+    assert reference.meta["exclude_from_eval"] == json.loads(
+        (trained_dir[0] / "trained.json").read_text())["meta"]["exclude_from_eval"]
+
+    def no_retraining(*a, **kw):
+        raise AssertionError("fit must not fine-tune again")
+
+    monkeypatch.setattr(APC, "finetune", no_retraining)
+    monkeypatch.setattr(APC, "train", no_retraining)
+    fresh = APC(cfg, "cpu")
+    fresh.fit(ctx_for(grain, train_dir=tmp_path / "train"))
+    batch = next(iter(make_loader(grain.test[:6], SIZE, 6)))["image"]
+    for a, b in zip(reference.predict(batch), fresh.predict(batch)):
+        torch.testing.assert_close(a, b)
+    assert fresh.meta["exclude_from_eval"] == reference.meta["exclude_from_eval"]
+    # the `train` stage run twice gives the same network (the fixture's train_dir, same seed and data)
+    other = APC(cfg, "cpu")
+    other.fit(ctx_for(grain, train_dir=trained_dir[0]))
+    torch.testing.assert_close(other.predict(batch)[0], fresh.predict(batch)[0])
+
+
+def test_fit_without_train_output_fails_clearly(grain, tmp_path):
+    with pytest.raises(ResourceMissingError, match="train stage"):
+        APC(APCConfig(**FAST), "cpu").fit(ctx_for(grain))
+    with pytest.raises(ResourceMissingError, match="trained.json missing"):
+        APC(APCConfig(**FAST), "cpu").fit(ctx_for(grain, train_dir=tmp_path / "nowhere"))
+
+
 # ---- labelled anomalies are never evaluated -----------------------------------------------------
 def test_labelled_anomalies_never_in_evaluation(fitted, grain):
     model, _, loaded = fitted
@@ -195,14 +258,11 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monke
     import defectlab.methods.apc as apc_module
 
     cfg = APCConfig(**{**FAST, "epochs": 2})
-    labelled = APC(cfg, "cpu").labelled_anomalies(ctx_for(grain))
 
-    def finetune(work_dir):
+    def finetune(work_dir):                    # the `train` step (its checkpoint lives in ctx.work_dir)
         model = APC(cfg, "cpu")
-        model.labelled_anomalies(ctx_for(grain))
-        backbone = backbone_for_fit(cfg.backbone, cfg.weights, None, seed=0)
-        model.finetune(backbone, ctx_for(grain, work_dir=work_dir), labelled)
-        return model.meta["loss_history"], backbone
+        model.train(ctx_for(grain, work_dir=work_dir))
+        return model.meta["loss_history"], model.trained_tensors()
 
     calls = {"n": 0, "limit": None}
     real = apc_module.apc_losses
@@ -222,5 +282,6 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monke
     monkeypatch.setattr(apc_module, "apc_losses", real)
     resumed, backbone = finetune(tmp_path / "b")
     assert resumed == reference
-    for a, b in zip(ref_backbone.state_dict().values(), backbone.state_dict().values()):
-        assert torch.equal(a, b)
+    assert ref_backbone.keys() == backbone.keys()
+    for k in ref_backbone:
+        assert torch.equal(ref_backbone[k], backbone[k])

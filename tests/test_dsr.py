@@ -1,5 +1,6 @@
 """DSR (defectlab.methods.dsr): vector quantization, near-codebook anomaly sampling, the
-feature-space anomaly generator, the three chained training stages, save/load, detection."""
+feature-space anomaly generator, the three training stages chained through their saved outputs
+(stage 1 = pretrain, stage 2 = train, stage 3 = fit), resumable checkpoints, save/load, detection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from defectlab.methods.base import FitContext, PretrainContext, make_loader
 from defectlab.methods.dsr import (
     DSR,
     DSRConfig,
+    DSRNet,
     Stage2Batch,
     VectorQuantizer,
     codebook_neighbours,
@@ -24,6 +26,7 @@ from defectlab.methods.dsr import (
     smudge,
 )
 from defectlab.metrics import compute_all
+from defectlab.pipeline import train_and_fit
 
 CPU = torch.device("cpu")
 
@@ -179,8 +182,6 @@ def test_smudge_changes_image_only_inside_its_mask_and_perlin_masks():
 
 
 def test_residual_upsampler_starts_as_the_coarse_mask():
-    from defectlab.methods.dsr import DSRNet
-
     torch.manual_seed(0)
     images, mask = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 64, 64)
     net = DSRNet(DSRConfig(**{**TINY, "upsampling_residual": True}))
@@ -217,62 +218,124 @@ def test_feature_anomalies_replace_codes_only_inside_the_mask(demo64, stage1_dir
     assert changed_lo[0][target[0, 0, ::2, ::2] > 0].all()
 
 
-def test_three_stages_chain_from_cached_outputs(demo64, stage1_dir, tmp_path, monkeypatch):
+def test_three_stages_chain_from_saved_outputs(demo64, stage1_dir, tmp_path, monkeypatch):
+    """stage 1 (pretrain dir) -> stage 2 (`train`, saved with save_trained) -> stage 3 (`fit`, a
+    fresh instance reading ctx.train_dir), and fit never reruns stage 2."""
+    from safetensors.torch import load_file
+
     cfg = DSRConfig(**TINY)
     info = json.loads((stage1_dir / "vq.json").read_text())
     assert (stage1_dir / "vq.safetensors").exists() and info["architecture"]["codebook_size"] == 32
-    work = tmp_path / "work"
-    first = DSR(cfg, CPU)
-    stats = first.fit(fit_ctx(demo64, stage1_dir, work_dir=work))
-    assert stats["stage2_cached"] == 0.0 and "stage3_loss" in stats
+    assert DSR.trains_per_category and DSR.trains_in_pretrain
+    work, train_dir = tmp_path / "work", tmp_path / "train"
+    # stage 2 in one instance, saved as the `train` stage saves it
+    trainer = DSR(cfg, CPU)
+    stats = trainer.train(fit_ctx(demo64, stage1_dir, work_dir=work))
     for key in ("focal", "feat", "img"):
         assert np.isfinite(stats[f"stage2_{key}"])
-    cached = list(work.glob("dsr-stage2-*.safetensors"))
-    assert len(cached) == 1 and not list(work.glob("*.ckpt.pt"))          # checkpoints removed when done
-    # a refit with the same inputs loads stage 2 from the cache and trains stage 3 only
-    calls = {"stage3": 0}
-    monkeypatch.setattr(DSR, "stage2_loss", lambda *a, **k: pytest.fail("stage 2 retrained despite its cache"))
-    original = DSR.train_stage3
-
-    def counting(self, ctx):
-        calls["stage3"] += 1
-        return original(self, ctx)
-
-    monkeypatch.setattr(DSR, "train_stage3", counting)
-    second = DSR(cfg, CPU)
-    stats2 = second.fit(fit_ctx(demo64, stage1_dir, work_dir=work))
-    assert stats2["stage2_cached"] == 1.0 and calls["stage3"] == 1
-    a, b = first.net.object_modules().state_dict(), second.net.object_modules().state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # the stage-2 cache key covers stage-2 settings: another λ_s misses the cache
-    monkeypatch.undo()
-    other = DSR(DSRConfig(**{**TINY, "lambda_s": 0.1}), CPU)
-    assert other.fit(fit_ctx(demo64, stage1_dir, work_dir=work))["stage2_cached"] == 0.0
-    assert len(list(work.glob("dsr-stage2-*.safetensors"))) == 2
-    # ... but a stage-3-only change hits it
-    s3 = DSR(DSRConfig(**{**TINY, "stage3_iters": 2}), CPU)
-    assert s3.fit(fit_ctx(demo64, stage1_dir, work_dir=work))["stage2_cached"] == 1.0
-
-
-def test_fit_requires_a_matching_stage1(demo64, stage1_dir, tmp_path):
-    with pytest.raises(ResourceMissingError):
-        DSR(DSRConfig(**TINY), CPU).fit(fit_ctx(demo64, tmp_path))
+    assert not any(k.startswith("stage3") for k in stats)                  # train is stage 2 only
+    assert not list(work.glob("*"))                                       # checkpoint removed, no stage-2 cache
+    trainer.save_trained(train_dir)
+    saved = load_file(str(train_dir / "trained.safetensors"))
+    assert any(k.startswith("restrict_lo.") for k in saved) and any(k.startswith("detector.") for k in saved)
+    assert not any(k.startswith("upsampler.") for k in saved)             # stage 3 is fit's
+    stage1 = load_file(str(stage1_dir / "vq.safetensors"))
+    assert all(torch.equal(saved[f"vq.{k}"], v) for k, v in stage1.items())   # stage 1 stayed frozen
+    trained_meta = json.loads((train_dir / "trained.json").read_text())["meta"]
+    assert trained_meta["image_size"] == 64 and "stage1_sha256" in trained_meta
+    # stage 3 in a fresh instance from ctx.train_dir; train / stage 2 must not run
+    monkeypatch.setattr(DSR, "train", lambda *a, **k: pytest.fail("fit called train"))
+    monkeypatch.setattr(DSR, "stage2_loss", lambda *a, **k: pytest.fail("fit retrained stage 2"))
+    fitter = DSR(cfg, CPU)
+    torch.manual_seed(0)
+    initial_upsampler = {k: v.clone() for k, v in DSRNet(cfg).upsampler.state_dict().items()}
+    stats3 = fitter.fit(fit_ctx(demo64, stage1_dir, work_dir=work, train_dir=train_dir))
+    assert "stage3_loss" in stats3 and not any(k.startswith("stage2") for k in stats3)
+    assert not list(work.glob("*"))
+    fitted = fitter.state_tensors()
+    assert all(torch.equal(fitted[k], v) for k, v in saved.items())       # stages 1-2 unchanged by fit
+    assert any(not torch.equal(fitted[f"upsampler.{k}"], v) for k, v in initial_upsampler.items())   # stage 3 trained
+    assert fitter.meta["image_size"] == 64 and "stage2_sha256" in fitter.meta
+    # a stage-3-only change reuses the train output ...
+    s3 = DSR(DSRConfig(**{**TINY, "stage3_iters": 2, "score_filter": 5}), CPU)
+    assert "stage3_loss" in s3.fit(fit_ctx(demo64, stage1_dir, train_dir=train_dir))
+    # ... a stage-2 change, another image size or another stage 1 needs a new train output
     with pytest.raises(ConfigError):
-        DSR(DSRConfig(**{**TINY, "codebook_size": 64}), CPU).fit(fit_ctx(demo64, stage1_dir))
+        DSR(DSRConfig(**{**TINY, "lambda_s": 0.1}), CPU).fit(fit_ctx(demo64, stage1_dir, train_dir=train_dir))
+    ctx = fit_ctx(demo64, stage1_dir, train_dir=train_dir)
+    ctx.image_size = 96
+    with pytest.raises(ConfigError):
+        DSR(cfg, CPU).fit(ctx)
+    other_pre = tmp_path / "other_pre"
+    other_pre.mkdir()
+    (other_pre / "vq.safetensors").write_bytes(b"not the stage-1 model stage 2 was trained on")
+    with pytest.raises(ConfigError):
+        DSR(cfg, CPU).fit(fit_ctx(demo64, other_pre, train_dir=train_dir))
+
+
+def test_fit_from_train_dir_reproduces_train_and_fit(demo64, stage1_dir, tmp_path):
+    cfg = DSRConfig(**TINY)
+    ctx = fit_ctx(demo64, stage1_dir)
+    model, stats = train_and_fit(DSR, cfg, ctx, tmp_path / "train")
+    assert "stage2_loss" in stats and "stage3_loss" in stats
+    fresh = DSR(cfg, CPU)
+    fresh.fit(fit_ctx(demo64, stage1_dir, train_dir=tmp_path / "train"))
+    batch = next(iter(make_loader(scan_category(demo64, "grain").test, 64, batch_size=4)))["image"]
+    s1, m1 = model.predict(batch)
+    s2, m2 = fresh.predict(batch)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+    with pytest.raises(ResourceMissingError, match="train stage"):
+        DSR(cfg, CPU).fit(fit_ctx(demo64, stage1_dir))                    # no train_dir
+    with pytest.raises(ResourceMissingError, match="train stage"):
+        DSR(cfg, CPU).fit(fit_ctx(demo64, stage1_dir, train_dir=tmp_path / "nothing"))
+
+
+def test_interrupted_stage2_resumes_from_its_checkpoint(demo64, stage1_dir, tmp_path, monkeypatch):
+    cfg = DSRConfig(**{**TINY, "checkpoint_every": 3})
+    reference = DSR(cfg, CPU)
+    reference.train(fit_ctx(demo64, stage1_dir))
+    work = tmp_path / "work"
+    original, calls = DSR.stage2_loss, {"n": 0}
+
+    def crash_at_step_5(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(DSR, "stage2_loss", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        DSR(cfg, CPU).train(fit_ctx(demo64, stage1_dir, work_dir=work))
+    assert len(list(work.glob("dsr-stage2-*.ckpt.pt"))) == 1               # saved after step 3
+    calls["n"] = 0
+    resumed = DSR(cfg, CPU)
+    resumed.train(fit_ctx(demo64, stage1_dir, work_dir=work))
+    assert calls["n"] == cfg.stage2_iters - 3                             # steps 3..5 only
+    assert not list(work.glob("*.ckpt.pt"))
+    a, b = reference.trained_tensors(), resumed.trained_tensors()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_train_requires_a_matching_stage1(demo64, stage1_dir, tmp_path):
+    with pytest.raises(ResourceMissingError):
+        DSR(DSRConfig(**TINY), CPU).train(fit_ctx(demo64, tmp_path))
+    with pytest.raises(ConfigError):
+        DSR(DSRConfig(**{**TINY, "codebook_size": 64}), CPU).train(fit_ctx(demo64, stage1_dir))
     with pytest.raises(ConfigError):
         ctx = fit_ctx(demo64, stage1_dir)
         ctx.image_size = 48
-        DSR(DSRConfig(**TINY), CPU).fit(ctx)
+        DSR(DSRConfig(**TINY), CPU).train(ctx)
 
 
 def test_save_load_round_trip_and_supervised_exclusion(demo64, stage1_dir, tmp_path):
-    model = DSR(DSRConfig(**{**TINY, "n_supervised": 2}), CPU)
-    model.fit(fit_ctx(demo64, stage1_dir))
-    excluded = model.meta["exclude_from_eval"]
+    model, _ = train_and_fit(DSR, DSRConfig(**{**TINY, "n_supervised": 2}), fit_ctx(demo64, stage1_dir),
+                             tmp_path / "train")
+    excluded = model.meta["exclude_from_eval"]                            # chosen by train, carried into fit
     data = scan_category(demo64, "grain")
     assert len(excluded) == 2 and all(p in {str(s.path) for s in data.test if s.label == 1} for p in excluded)
     model.save(tmp_path / "m")
     loaded = DSR.load(tmp_path / "m")
+    assert loaded.meta["exclude_from_eval"] == excluded
     batch = next(iter(make_loader(data.test, 64, batch_size=6)))["image"]
     s1, m1 = model.predict(batch)
     s2, m2 = loaded.predict(batch)
@@ -291,7 +354,7 @@ def test_save_load_round_trip_and_supervised_exclusion(demo64, stage1_dir, tmp_p
     pooled_r = torch.nn.functional.avg_pool2d(m3[:, None], k, 1, k // 2, count_include_pad=False).amax((1, 2, 3))
     assert torch.equal(m3, m1) and torch.allclose(s3, pooled_r, atol=1e-6)
     with pytest.raises(ConfigError):
-        DSR(DSRConfig(**{**TINY, "n_supervised": 50}), CPU).fit(fit_ctx(demo64, stage1_dir))
+        DSR(DSRConfig(**{**TINY, "n_supervised": 50}), CPU).train(fit_ctx(demo64, stage1_dir))
 
 
 def test_detects_planted_defects_above_chance(tiny_demo, tmp_path):
@@ -307,9 +370,9 @@ def test_detects_planted_defects_above_chance(tiny_demo, tmp_path):
     DSR.pretrain(cfg, PretrainContext(dataset="demo", data_root=tiny_demo, categories=["grain", "weave"], out_dir=pre,
                                       image_size=64, seed=0, device=CPU, progress=False))
     data = scan_category(tiny_demo, "grain")
-    model = DSR(cfg, CPU)
-    stats = model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0, device=CPU,
-                                 pretrain_dir=pre, progress=False))
+    model, stats = train_and_fit(DSR, cfg, FitContext(dataset="demo", category="grain", data=data, image_size=64,
+                                                      seed=0, device=CPU, pretrain_dir=pre, progress=False),
+                                 tmp_path / "train")
     assert stats["stage2_focal"] < 0.7 * stats["stage2_focal_start"]      # the stage-2 loss falls
     assert stats["stage2_img"] < stats["stage2_img_start"]
     out = model.predict_loader(make_loader(data.test, 64, batch_size=8))

@@ -149,7 +149,7 @@ def _register_bad_champion(proj):
     poisoned = replace(data, train=data.train + [Sample(s.path, 0, "good") for s in data.test if s.label == 1])
     model = cls(cfg, torch.device("cpu"))
     model.fit(FitContext(dataset="demo", category=CAT, data=poisoned, image_size=64, seed=0, device=torch.device("cpu"),
-                         pretrain_dir=proj / "models/patchcore/demo/pretrain", progress=False))
+                         pretrain_dir=proj / "checkpoints/patchcore/demo/pretrain", progress=False))
     model.save(proj / "bad_model")
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name("demo")

@@ -1,8 +1,11 @@
 """Multi-scale patch SVDD: each loss term (Eq. 1-4) reacts as it should, the patch sampling
 follows Sec. 3.3, training lowers the loss and teaches the angle classifier above chance, the
 K-means centres are recomputed on schedule, maps follow Eq. 7-9, a resumed training equals an
-uninterrupted one, save/load round-trips, and planted defects are detected far above chance."""
+uninterrupted one, the train / fit split (train -> save_trained -> fresh instance -> fit) keeps
+predictions and training stats and never retrains in fit, save/load round-trips, and planted
+defects are detected far above chance."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from defectlab.methods.msp_svdd import (MSPSVDDConfig, MultiScalePatchSVDD, Patc
                                         grid_starts, kmeans, kmeans_loss, sample_ssl_pairs, sample_triplets,
                                         ssl_loss, svdd_loss)
 from defectlab.metrics import compute_all
+from defectlab.pipeline import train_and_fit
 
 CPU = torch.device("cpu")
 # a CPU-sized configuration (thin random VGG16, few short epochs)
@@ -218,12 +222,16 @@ def test_detects_planted_defects_and_round_trips(tiny_demo, tmp_path, category="
     ctx_pre.out_dir.mkdir()
     MultiScalePatchSVDD.pretrain(cfg, ctx_pre)
     assert (ctx_pre.out_dir / "vgg_init.safetensors").exists()
-    model = get_method("msp_svdd")(cfg, CPU)
-    stats = model.fit(FitContext(dataset="demo", category=category, data=data, image_size=64, seed=0, device=CPU,
-                                 pretrain_dir=ctx_pre.out_dir, progress=False))
+    model, stats = train_and_fit(get_method("msp_svdd"), cfg,
+                                 FitContext(dataset="demo", category=category, data=data, image_size=64, seed=0,
+                                            device=CPU, pretrain_dir=ctx_pre.out_dir, progress=False),
+                                 tmp_path / "train")
     assert stats["bank_size_16"] == len(data.train) * 7 * 7 and "frozen in" in model.meta["init_source"]
     model.save(tmp_path / "model")
     loaded = MultiScalePatchSVDD.load(tmp_path / "model")
+    # the training history and stats survive into the final model's meta
+    assert len(loaded.meta["history"]) == 4 and loaded.meta["kmeans_epochs"] == [0, 2]
+    assert loaded.meta["train"]["final_ssl_acc_32"] == stats["final_ssl_acc_32"]
     out = loaded.predict_loader(make_loader(data.test, 64, 8))
     batch = next(iter(make_loader(data.test[:4], 64, 4)))["image"]
     s, m = model.predict(batch)
@@ -237,11 +245,11 @@ def test_detects_planted_defects_and_round_trips(tiny_demo, tmp_path, category="
     assert metrics["pixel_auroc"] > 0.8, metrics
 
 
-def test_detects_a_planted_square_on_weave(tiny_demo):
+def test_detects_a_planted_square_on_weave(tiny_demo, tmp_path):
     data = scan_category(tiny_demo, "weave")
-    model = MultiScalePatchSVDD(MSPSVDDConfig(**{**FAST, "epochs": 4}), CPU)
-    model.fit(FitContext(dataset="demo", category="weave", data=data, image_size=64, seed=0, device=CPU,
-                         progress=False))
+    model, _ = train_and_fit(MultiScalePatchSVDD, MSPSVDDConfig(**{**FAST, "epochs": 4}),
+                             FitContext(dataset="demo", category="weave", data=data, image_size=64, seed=0,
+                                        device=CPU, progress=False), tmp_path / "train")
     good = torch.cat([b["image"] for b in make_loader([s for s in data.test if s.label == 0], 64, 8)])
     rng = np.random.default_rng(0)
     bad, masks = good.clone(), torch.zeros(len(good), 64, 64, dtype=torch.bool)
@@ -255,6 +263,50 @@ def test_detects_a_planted_square_on_weave(tiny_demo):
                           torch.cat([torch.zeros_like(masks), masks]).numpy(), torch.cat([m_good, m_bad]).numpy())
     assert metrics["image_auroc"] > 0.75, metrics
     assert metrics["pixel_auroc"] > 0.85, metrics
+
+
+def test_train_then_fit_in_a_fresh_instance_reproduces_train_and_fit(tiny_demo, tmp_path, monkeypatch):
+    """The `train` stage's output (train -> save_trained) read back by a new instance's ``fit``
+    gives the same model as ``train_and_fit``; ``fit`` never trains; without a train output it
+    fails clearly; the resumable checkpoint lives in work_dir during ``train`` only."""
+    data = scan_category(tiny_demo, "grain")
+    cfg = MSPSVDDConfig(**{**FAST, "epochs": 2, "checkpoint_every": 1})
+    ctx = FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0, device=CPU,
+                     progress=False, work_dir=tmp_path / "work")
+    ref, stats = train_and_fit(MultiScalePatchSVDD, cfg, ctx, tmp_path / "train")
+    assert MultiScalePatchSVDD.trains_per_category
+    assert (tmp_path / "train" / "trained.safetensors").exists() and (tmp_path / "train" / "trained.json").exists()
+    assert not list((tmp_path / "work").glob("*.pt"))          # checkpoint written at epoch 1, removed at the end
+    assert {"train_seconds", "bank_seconds", "final_ssl_acc_16", "bank_size_32"} <= set(stats)
+
+    def no_training(*a, **k):
+        raise AssertionError("fit must not train")
+
+    monkeypatch.setattr(MultiScalePatchSVDD, "train_encoders", no_training)
+    monkeypatch.setattr(MultiScalePatchSVDD, "_load_init", no_training)
+    fresh_model = MultiScalePatchSVDD(cfg, CPU)
+    fit_stats = fresh_model.fit(dataclasses.replace(ctx, train_dir=tmp_path / "train"))
+    assert "train_seconds" not in fit_stats and fit_stats["bank_size_16"] == len(data.train) * 7 * 7
+    batch = next(iter(make_loader(data.test[:6], 64, 6)))["image"]
+    s_ref, m_ref = ref.predict(batch)
+    s_new, m_new = fresh_model.predict(batch)
+    torch.testing.assert_close(s_new, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(m_new, m_ref, rtol=0, atol=0)
+    # the trained classifiers / centres come along too (the angle accuracy can be measured after loading)
+    assert set(fresh_model.centres) == {"32", "16"}
+    train_images = torch.cat([b["image"] for b in make_loader(data.train, 64, 16)])
+    assert fresh_model.ssl_accuracy(train_images, n=32) == ref.ssl_accuracy(train_images, n=32)
+    # the train stage's meta (history, stats) is in the fitted model's meta
+    assert fresh_model.meta["history"] == ref.meta["history"] and len(fresh_model.meta["history"]) == 2
+    assert fresh_model.meta["train"]["final_total_32"] == stats["final_total_32"]
+    # no train output -> the clear error; a train output from another config -> ConfigError
+    with pytest.raises(ResourceMissingError, match="train stage"):
+        MultiScalePatchSVDD(cfg, CPU).fit(ctx)
+    with pytest.raises(ResourceMissingError, match="train stage"):
+        MultiScalePatchSVDD(cfg, CPU).fit(dataclasses.replace(ctx, train_dir=tmp_path / "nowhere"))
+    with pytest.raises(ConfigError):
+        MultiScalePatchSVDD(MSPSVDDConfig(**{**FAST, "epochs": 3}), CPU).fit(
+            dataclasses.replace(ctx, train_dir=tmp_path / "train"))
 
 
 def test_image_score_is_max_of_window_means():

@@ -29,7 +29,7 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
     assert "| patchcore | demo | weave |" in (proj / "reports/results.md").read_text()
     assert (proj / "reports/results.png").exists()
     n_stages = first.count("Running stage")
-    assert n_stages == 1 + 2 + 1 + 2 + 4 + 4 + 1     # prepare, synthesize, backbone, pretrain, fit, evaluate, report
+    assert n_stages == 1 + 1 + 1 + 2 + 2 + 2 + 1     # prepare, synthesize, backbone, pretrain, fit, evaluate, report
     assert (proj / "models/backbone/demo/ds2/backbone.safetensors").exists()
     for curve in ("roc_image", "pr_image", "roc_pixel", "pr_pixel", "pro"):
         assert json.loads((proj / f"plots/{curve}/patchcore/demo/weave.json").read_text())
@@ -37,12 +37,21 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
 
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == n_stages
-    fit_runs = runs[runs["tags.stage"] == "fit"]
-    assert set(fit_runs["tags.method"]) == {"patchcore", "padim"}
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == n_stages                   # one run per stage execution
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]    # + one per category of dataset-wide stages
+    assert sorted(children["tags.stage"]) == ["evaluate"] * 4 + ["fit"] * 4 + ["synthesize"] * 2
+    fit_runs = children[children["tags.stage"] == "fit"]
+    assert set(zip(fit_runs["tags.method"], fit_runs["tags.category"])) == {
+        (m, c) for m in ("patchcore", "padim") for c in ("weave", "board")}
     assert "params.method.coreset_ratio" in runs.columns
-    ev = runs[runs["tags.stage"] == "evaluate"]
+    ev = children[children["tags.stage"] == "evaluate"]
     assert ev["metrics.image_auroc"].notna().all()
+    assert set(ev["tags.mlflow.parentRunId"]) <= set(parents["run_id"])
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions("name='patchcore-demo-weave'")
+    assert len(versions) == 1 and versions[0].tags.get("content.sha256")
 
 
 def test_second_repro_runs_nothing(project):
@@ -89,7 +98,7 @@ def test_killed_stage_leaves_previous_output_and_next_repro_finishes_it(project)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["methods"]["padim"]["smoke"]["n_features"] = 40           # dirty padim's stages
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.Popen(["dvc", "repro", "--single-item", "fit@padim-demo-weave"], cwd=proj, env=env,
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", "fit@padim-demo"], cwd=proj, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:                                          # wait until the stage is running
         if "Running stage" in line:

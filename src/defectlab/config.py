@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import model_validator, BaseModel, ConfigDict, Field, ValidationError
 
 from defectlab.errors import ConfigError
 
@@ -65,6 +65,16 @@ class RunParams(StrictModel):
     datasets: list[str]
     categories: list[str]
     methods: list[str]
+    #: the methods of ``methods`` that train a network per category (``trains_per_category``): the
+    #: `train` stage's matrix. DVC cannot compute it, so it is listed; `fit` says when one is missing.
+    train_methods: list[str] = []
+
+    @model_validator(mode="after")
+    def _train_subset(self):
+        extra = [m for m in self.train_methods if m not in self.methods]
+        if extra:
+            raise ValueError(f"train_methods {extra} are not in methods {self.methods}")
+        return self
 
 
 def deep_merge(base: dict, override: dict) -> dict:

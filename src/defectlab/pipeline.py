@@ -4,8 +4,10 @@ Paths (relative to the repository root, see ARCHITECTURE.md):
 
     data/prepared/<ds>/<cat>/            MVTec layout (+ data/prepared/<ds>/manifest.csv)
     data/synth/<ds>/<cat>/               synthetic anomalies (images/, masks/, index.csv)
-    models/<method>/<ds>/pretrain/       dataset-level pretraining / frozen backbone
-    models/<method>/<ds>/<cat>/          fitted model (model.safetensors, model.json, fit.json)
+    models/backbone/<ds>/ds2/            the shared DS2 backbone (`backbone` stage)
+    checkpoints/<method>/<ds>/pretrain/  dataset-level pretraining / frozen backbone (`pretrain`)
+    checkpoints/<method>/<ds>/train/<cat>/  per-category trained network (`train`, training methods)
+    models/<method>/<ds>/<cat>/          fitted model (model.safetensors, model.json) (`fit`)
     metrics/<method>/<ds>/<cat>.json     evaluation metrics (DVC metrics)
     plots/<curve>/<method>/<ds>/<cat>.json  ROC / PR / PRO curves (DVC plots; curve in CURVES)
     reports/maps/<method>/<ds>/<cat>/    heatmap overlays
@@ -19,6 +21,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -43,11 +46,20 @@ class Layout:
     def backbone(self, ds: str, name: str = "ds2") -> Path:
         return self.root / "models" / "backbone" / ds / name
 
+    def checkpoints(self, method: str, ds: str) -> Path:
+        return self.root / "checkpoints" / method / ds
+
     def pretrain(self, method: str, ds: str) -> Path:
-        return self.root / "models" / method / ds / "pretrain"
+        return self.checkpoints(method, ds) / "pretrain"
+
+    def trained(self, method: str, ds: str, cat: str) -> Path:
+        return self.checkpoints(method, ds) / "train" / cat
+
+    def models(self, method: str, ds: str) -> Path:
+        return self.root / "models" / method / ds
 
     def model(self, method: str, ds: str, cat: str) -> Path:
-        return self.root / "models" / method / ds / cat
+        return self.models(method, ds) / cat
 
     def metrics(self, method: str, ds: str, cat: str) -> Path:
         return self.root / "metrics" / method / ds / f"{cat}.json"
@@ -57,6 +69,17 @@ class Layout:
 
     def maps(self, method: str, ds: str, cat: str) -> Path:
         return self.root / "reports" / "maps" / method / ds / cat
+
+
+def model_sha256(model_dir: Path) -> str:
+    """Identity of a fitted model: its tensors and its config (not the run's timings in the meta)."""
+    import hashlib
+    import json
+
+    info = json.loads((Path(model_dir) / "model.json").read_text())
+    key = {"method": info.get("method"), "config": info.get("config"),
+           "tensors": sha256_file(Path(model_dir) / "model.safetensors")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def peak_rss_mb() -> float:
@@ -140,17 +163,31 @@ def category_data(params: Params, dataset: str, category: str, layout: Layout = 
 # ---------------------------------------------------------------------------------------------
 # synthesize
 # ---------------------------------------------------------------------------------------------
-def synthesize(params: Params, dataset: str, category: str, layout: Layout = Layout()) -> dict:
+def synthesize(params: Params, dataset: str, category: str, layout: Layout = Layout(), out_dir: Path | None = None) -> dict:
     from defectlab.synthesis.cache import build_cache
 
     spec = params.dataset(dataset)
     sp = params.section("synthesis", "cache", SynthesisParams)
     data = category_data(params, dataset, category, layout)
-    build_cache([s.path for s in data.train], layout.synth(dataset, category), n=sp.n, seed=params.seed,
+    build_cache([s.path for s in data.train], out_dir or layout.synth(dataset, category), n=sp.n, seed=params.seed,
                 image_size=sp.image_size, kinds=sp.kinds,
                 object_kind="texture" if category in spec.texture_categories else "object",
                 dtd_dir=Path(sp.dtd_dir) if sp.dtd_dir else None, params=sp.options)
     return {"n": sp.n, "image_size": sp.image_size}
+
+
+def synthesize_dataset(params: Params, dataset: str, layout: Layout = Layout(),
+                       each: Callable[[str, Path, dict], None] | None = None) -> dict:
+    """The `synthesize` stage: every category of ``run.categories`` into ``data/synth/<ds>/``
+    (replaced as a whole). Seeded per category, so an unchanged category gets identical files and
+    DVC does not rerun the `train` stages reading it."""
+    out = {}
+    with atomic_dir(layout.root / "data" / "synth" / dataset) as tmp:
+        for category in params.run.categories:
+            out[category] = synthesize(params, dataset, category, layout, out_dir=tmp / category)
+            if each is not None:
+                each(category, tmp / category, out[category])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,31 +255,96 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def fit(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(), progress: bool = True):
-    """Fit one method on one category; returns (method instance, fit stats). Saves the model atomically."""
+def fit_context(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
+                progress: bool = True):
+    """The FitContext of one category (shared by the `train` and `fit` stages)."""
     from defectlab.backbones import resolve_device
     from defectlab.methods.base import FitContext
 
-    cls, cfg = load_method_config(params, method)
     spec = params.dataset(dataset)
-    device = resolve_device(params.device)
-    data = category_data(params, dataset, category, layout)
     pre = layout.pretrain(method, dataset)
     synth = layout.synth(dataset, category)
-    ctx = FitContext(dataset=dataset, category=category, data=data, image_size=spec.image_size, seed=params.seed,
-                     device=device, pretrain_dir=pre if pre.exists() else None,
-                     synth_dir=synth if synth.exists() else None, progress=progress,
-                     work_dir=layout.root / "work" / method / dataset / category,
-                     extra={"object_kind": "texture" if category in spec.texture_categories else "object"})
+    trained = layout.trained(method, dataset, category)
+    return FitContext(dataset=dataset, category=category, data=category_data(params, dataset, category, layout),
+                      image_size=spec.image_size, seed=params.seed, device=resolve_device(params.device),
+                      pretrain_dir=pre if pre.exists() else None, synth_dir=synth if synth.exists() else None,
+                      progress=progress, work_dir=layout.root / "work" / method / dataset / category,
+                      extra={"object_kind": "texture" if category in spec.texture_categories else "object"},
+                      train_dir=trained if trained.exists() else None)
+
+
+def train(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
+          progress: bool = True) -> dict:
+    """The `train` stage of a training method on one category: train its network and save it
+    (``trained.safetensors`` + ``trained.json``) atomically to ``checkpoints/<m>/<ds>/train/<cat>``."""
+    from defectlab.errors import ConfigError
+
+    cls, cfg = load_method_config(params, method)
+    if not cls.trains_per_category:
+        raise ConfigError(f"method {method!r} has no per-category training; remove it from run.train_methods")
+    ctx = fit_context(params, method, dataset, category, layout, progress)
     seed_everything(params.seed)
+    model = cls(cfg, ctx.device)
+    t0 = time.perf_counter()
+    with atomic_dir(layout.trained(method, dataset, category)) as tmp:
+        stats = model.train(ctx) or {}
+        stats["train_seconds"] = time.perf_counter() - t0
+        stats["peak_rss_mb_train"] = peak_rss_mb()
+        model.meta["train"] = stats
+        model.save_trained(tmp)
+    return stats
+
+
+def train_and_fit(cls, cfg, ctx, train_dir: Path, device=None):
+    """Outside DVC (tests, `defectlab benchmark`): a training method's ``train`` (saved to
+    ``train_dir`` exactly as the `train` stage saves it) then ``fit`` on a fresh instance reading
+    it back; other methods just ``fit``. Returns (fitted model, stats)."""
+    import dataclasses
+
+    device = device or ctx.device
+    stats: dict = {}
+    if cls.trains_per_category:
+        trainer = cls(cfg, device)
+        stats.update(trainer.train(ctx) or {})
+        trainer.meta["train"] = dict(stats)
+        trainer.save_trained(train_dir)
+        ctx = dataclasses.replace(ctx, train_dir=Path(train_dir))
     model = cls(cfg, device)
+    stats.update(model.fit(ctx) or {})
+    return model, stats
+
+
+def fit(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(), progress: bool = True,
+        out_dir: Path | None = None):
+    """Fit one method on one category; returns (method instance, fit stats). Saves the model atomically
+    to ``out_dir`` (default ``layout.model(...)``). A training method reads its `train` stage output
+    (``ctx.train_dir``)."""
+    cls, cfg = load_method_config(params, method)
+    ctx = fit_context(params, method, dataset, category, layout, progress)
+    seed_everything(params.seed)
+    model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
     stats = model.fit(ctx) or {}
     stats["fit_seconds"] = time.perf_counter() - t0
     stats["peak_rss_mb_fit"] = peak_rss_mb()
     model.meta["fit"] = stats
-    model.save(layout.model(method, dataset, category))
+    model.save(out_dir or layout.model(method, dataset, category))
     return model, stats
+
+
+def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
+                each: Callable[[str, Path, dict], None] | None = None) -> dict:
+    """The `fit` stage: fit ``method`` on every category of ``run.categories``; ``models/<m>/<ds>/``
+    is replaced as a whole at the end (an interrupted fit leaves the previous models). ``each(category,
+    model_dir, stats)`` runs after each category (the stage logs it to MLflow)."""
+    out = {}
+    with atomic_dir(layout.models(method, dataset)) as tmp:
+        for category in params.run.categories:
+            _, stats = fit(params, method, dataset, category, layout, progress, out_dir=tmp / category)
+            if each is not None:
+                each(category, tmp / category, stats)
+            out[category] = stats
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +409,9 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
 
 
 def evaluate(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
-             progress: bool = True, model=None) -> dict:
+             progress: bool = True, model=None, dest: dict | None = None) -> dict:
+    """Score one category; write its metrics, curves and overlays. ``dest`` redirects the output
+    folders (keys ``metrics``, ``maps``, ``plots``: {curve: folder}); default: ``layout``'s."""
     from defectlab.backbones import resolve_device
     from defectlab.methods import get_method
     from defectlab.report import write_overlays
@@ -325,12 +429,39 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"), "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
-    write_json(layout.metrics(method, dataset, category), metrics)
+    dest = dest or eval_dest(layout, method, dataset)
+    write_json(Path(dest["metrics"]) / f"{category}.json", metrics)
     for curve in CURVES:   # every curve file exists (empty when the curve is undefined, e.g. one class)
-        write_json(layout.plot(curve, method, dataset, category), curve_data.get(curve, []))
-    with atomic_dir(layout.maps(method, dataset, category)) as tmp:
+        write_json(Path(dest["plots"][curve]) / f"{category}.json", curve_data.get(curve, []))
+    with atomic_dir(Path(dest["maps"]) / category) as tmp:
         write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
     return metrics
+
+
+def eval_dest(layout: Layout, method: str, dataset: str) -> dict:
+    """The evaluate stage's output folders of one method x dataset."""
+    return {"metrics": layout.metrics(method, dataset, "x").parent, "maps": layout.maps(method, dataset, "x").parent,
+            "plots": {c: layout.plot(c, method, dataset, "x").parent for c in CURVES}}
+
+
+def evaluate_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
+                     each: Callable[[str, dict, dict], None] | None = None) -> dict:
+    """The `evaluate` stage: every category of ``run.categories``; its output folders (metrics,
+    curves, overlays of this method x dataset) are each replaced as a whole at the end.
+    ``each(category, metrics, dest)`` runs after each category (the stage logs it to MLflow)."""
+    import contextlib
+
+    final = eval_dest(layout, method, dataset)
+    out = {}
+    with contextlib.ExitStack() as stack:
+        dest = {"metrics": stack.enter_context(atomic_dir(final["metrics"])),
+                "maps": stack.enter_context(atomic_dir(final["maps"])),
+                "plots": {c: stack.enter_context(atomic_dir(d)) for c, d in final["plots"].items()}}
+        for category in params.run.categories:
+            out[category] = evaluate(params, method, dataset, category, layout, progress, dest=dest)
+            if each is not None:
+                each(category, out[category], dest)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +488,9 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         pre.mkdir()
         cls.pretrain(cfg, PretrainContext(dataset=root.name, data_root=root, categories=[category], out_dir=pre,
                                           image_size=size, seed=params.seed, device=device, progress=progress))
-        model = cls(cfg, device)
         ctx = FitContext(dataset=root.name, category=category, data=data, image_size=size, seed=params.seed,
                          device=device, pretrain_dir=pre, progress=progress, work_dir=tmp)
-        stats = model.fit(ctx) or {}
+        model, stats = train_and_fit(cls, cfg, ctx, tmp / "train")
         fit_seconds = time.perf_counter() - t0
         out, seconds = score_category(model, data, size, ev.batch_size, progress)
         metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), size)
@@ -375,4 +505,5 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         import shutil
 
         shutil.rmtree(pre)
+        shutil.rmtree(tmp / "train", ignore_errors=True)
     return metrics

@@ -4,7 +4,13 @@
   SQLite store in the repository (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``) — a
   database store, so the model registry (aliases ``champion`` / ``challenger``) works locally.
 - Experiment per dataset; run name ``<stage>/<method>/<category>``; tags for method, dataset,
-  category, profile, stage, DVC stage name, git commit, seed and library versions.
+  category, profile, stage, DVC stage name, git commit, seed and library versions. A stage that
+  covers all categories of a dataset (fit, evaluate) opens one parent run ``<stage>/<method>``
+  and one nested child run per category (``StageRun.child``) holding that category's metrics,
+  artifacts and registered model.
+- A fitted model is registered as a new version of ``<method>-<dataset>-<category>`` only when its
+  files differ from the latest version's (tag ``content.sha256``): rerunning a dataset-wide fit
+  after one category changed adds no version to the others.
 - A remote server that cannot be reached fails fast (a few seconds) with a clear message, or —
   with ``tracking.fallback_local: true`` — falls back to the local store, never hangs.
 - ``DEFECTLAB_TRACKING=off`` disables tracking (for unit tests of other modules).
@@ -54,14 +60,16 @@ def git_commit(root: str | Path = ".") -> tuple[str, bool]:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-    import torchvision
+    """Installed versions (package metadata: no import, so stages without torch stay light)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import defectlab
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "defectlab": defectlab.__version__}
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "defectlab"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "none"
+    return out
 
 
 def tracking_uri(config: dict | None = None) -> str:
@@ -116,8 +124,22 @@ def _experiment(name: str) -> str:
 class StageRun:
     """Thin wrapper handed to stage code; every method is a no-op when tracking is off."""
 
-    def __init__(self, run=None):
+    def __init__(self, run=None, tags: dict | None = None):
         self.run = run
+        self.tags = dict(tags or {})
+
+    @contextlib.contextmanager
+    def child(self, category: str) -> Iterator["StageRun"]:
+        """A nested run for one category of a dataset-wide stage (a no-op when tracking is off)."""
+        if not self.run:
+            yield StageRun(None)
+            return
+        import mlflow
+
+        tags = {**self.tags, "category": category}
+        name = "/".join(x for x in (tags.get("stage"), tags.get("method"), category) if x)
+        with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+            yield StageRun(run, tags)
 
     @property
     def active(self) -> bool:
@@ -155,8 +177,11 @@ class StageRun:
             elif path.exists():
                 mlflow.log_artifact(str(path), artifact_path)
 
-    def register_model(self, name: str, artifact_path: str = "model", tags: dict | None = None) -> str | None:
-        """Register the run's ``artifact_path`` as a new version of model ``name``; returns the version."""
+    def register_model(self, name: str, artifact_path: str = "model", tags: dict | None = None,
+                       content_sha256: str | None = None) -> str | None:
+        """Register the run's ``artifact_path`` as a new version of model ``name``; returns the version.
+        With ``content_sha256`` (``pipeline.model_sha256``), a model identical to the latest version is not
+        registered again: that version is returned (and tagged ``unchanged: true`` on this run)."""
         if not self.run:
             return None
         from mlflow import MlflowClient
@@ -166,8 +191,17 @@ class StageRun:
             client.create_registered_model(name)
         except Exception:  # already exists
             pass
+        if content_sha256:
+            existing = client.search_model_versions(f"name='{name}'")
+            latest = max(existing, key=lambda v: int(v.version), default=None)
+            if latest is not None and (latest.tags or {}).get("content.sha256") == content_sha256:
+                client.set_tag(self.run_id, "model.unchanged", "true")
+                client.set_tag(self.run_id, "model.version", latest.version)
+                return latest.version
         source = f"{self.run.info.artifact_uri}/{artifact_path}"
-        mv = client.create_model_version(name, source, run_id=self.run_id, tags=tags or {})
+        all_tags = {**(tags or {}), **({"content.sha256": content_sha256} if content_sha256 else {})}
+        mv = client.create_model_version(name, source, run_id=self.run_id, tags=all_tags)
+        client.set_tag(self.run_id, "model.version", mv.version)
         return mv.version
 
 
@@ -187,7 +221,7 @@ def stage_run(stage: str, *, dataset: str, method: str | None = None, category: 
             "dvc.stage": dvc_stage or stage, **{f"version.{k}": v for k, v in versions().items()}}
     name = "/".join(x for x in (stage, method, category) if x)
     with mlflow.start_run(experiment_id=_experiment(dataset), run_name=name, tags=tags) as run:
-        sr = StageRun(run)
+        sr = StageRun(run, tags)
         if params:
             sr.log_params(params)
         yield sr

@@ -9,7 +9,8 @@ category's normal training images and a few (N = 10 in the paper) labelled anoma
    layout, its ``test/<defect>`` folders) when set, otherwise the category's own test
    anomalies — the only labelled pool offline. Drawn images that belong to the evaluation set
    are listed in ``meta['exclude_from_eval']`` (``pipeline.eval_samples`` drops them), all
-   drawn images in ``meta['labelled_anomalies']``; both are saved in ``model.json``.
+   drawn images in ``meta['labelled_anomalies']``; both are saved in ``trained.json`` by the
+   `train` stage, merged into the model's meta by ``fit`` and so saved in ``model.json``.
 2. **Fine-tuning network** (Sec. 4.1, 4.3, Fig. 3): the ResNet encoder (stem, layer1..layer4)
    is extended into a U-Net with two skip connections, from layer3 and layer2 — the layers
    PatchCore reads (U-Net2; the paper's "stage 3 and 4" of ResNet-50):
@@ -43,8 +44,21 @@ category's normal training images and a few (N = 10 in the paper) labelled anoma
    (with PatchCore's Eq. 7 reweighting), Gaussian-smoothed upsampled maps.
 
 Initialisation: ``weights`` (random | imagenet | ds2 | a file) — MoCo v3 in the paper; the
-project's self-supervised DS2 checkpoint or ImageNet stand in. The default ``pretrain`` of
-``AnomalyMethod`` freezes that initial backbone; ``fit`` fine-tunes a copy per category.
+project's self-supervised DS2 checkpoint or ImageNet stand in.
+
+Pipeline stages (``trains_per_category = True``):
+
+* `pretrain` (per dataset): the default ``AnomalyMethod.pretrain`` freezes that initial backbone.
+* `train` (per category, the expensive step): ``train`` draws the labelled anomalies (1) and
+  fine-tunes a copy of the initial backbone (2, 3), resumable from a per-epoch checkpoint
+  ``apc-finetune.pt`` in ``ctx.work_dir``. ``trained_tensors`` is the fine-tuned encoder only,
+  truncated after the deepest layer PatchCore reads (the decoder and heads are dropped: only
+  the bank needs the encoder); ``trained.json`` carries the labelled-anomaly lists.
+* `fit` (per category, cheap): ``load_trained(ctx.train_dir)`` puts the fine-tuned weights into
+  a backbone and merges the labelled-anomaly meta, then ``PatchCore.fit`` builds the bank (4).
+  Nothing is retrained.
+* `evaluate`: ``model.json`` / ``model.safetensors`` hold the bank, the fine-tuned encoder and
+  ``exclude_from_eval``, so evaluation never scores a labelled anomaly.
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defectlab.backbones import FeatureExtractor, backbone_for_fit
+from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from defectlab.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image, load_mask
 from defectlab.errors import ConfigError
 from defectlab.memory import gaussian_blur
@@ -330,6 +344,7 @@ def normalize(images01: torch.Tensor) -> torch.Tensor:
 class APC(PatchCore):
     name = "apc"
     Config = APCConfig
+    trains_per_category = True
 
     # -- labelled pool ---------------------------------------------------------------------
     def labelled_anomalies(self, ctx: FitContext) -> list:
@@ -411,8 +426,11 @@ class APC(PatchCore):
             stats.update({f"loss_{k}_last": v for k, v in history[-1].items()})
         return stats
 
-    # -- fit: fine-tune, then PatchCore's memory bank on the fine-tuned encoder -----------------
-    def fit(self, ctx: FitContext) -> dict:
+    # -- train (`train` stage): draw the labelled anomalies, fine-tune the backbone ----------
+    def train(self, ctx: FitContext) -> dict:
+        """Draw the labelled anomalies (recorded in meta, ``exclude_from_eval`` included) and
+        fine-tune the initial backbone through the U-Net heads; the fine-tuned encoder becomes
+        this instance's PatchCore extractor (``trained_tensors``). No memory bank here."""
         cfg = self.config
         labelled = self.labelled_anomalies(ctx)
         backbone = backbone_for_fit(cfg.backbone, cfg.weights, ctx.pretrain_dir, seed=ctx.seed, dataset=ctx.dataset)
@@ -422,5 +440,20 @@ class APC(PatchCore):
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.set_extractor(FeatureExtractor(backbone, cfg.layers))
-        stats.update(super().fit(ctx))   # PatchCore: bank of the *normal training* patches only
         return stats
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned encoder up to the deepest layer PatchCore reads (no decoder, no heads)."""
+        if self.extractor is None:
+            raise RuntimeError("apc: train() has not run; no fine-tuned backbone to save")
+        return extractor_state(self.extractor)
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.set_extractor(extractor_from_state(self.config.backbone, self.config.layers, tensors))
+
+    # -- fit (`fit` stage): PatchCore's memory bank on the fine-tuned encoder ---------------
+    def fit(self, ctx: FitContext) -> dict:
+        """Load the `train` stage's fine-tuned encoder (and its meta: the labelled anomalies and
+        ``exclude_from_eval``), then build PatchCore's bank of the *normal training* patches."""
+        self.load_trained(ctx.train_dir)
+        return super().fit(ctx)   # PatchCore.fit: the extractor is set, so only the bank is built

@@ -5,11 +5,16 @@ pydantic ``Config``. The pipeline calls, in order:
 
 1. ``pretrain(config, ctx)`` once per dataset (classmethod; optional — the default freezes the
    configured backbone weights into the stage output so later stages are reproducible),
-2. ``fit(ctx)`` per category (memory bank, density or a trained network),
-3. ``predict(images)`` on batches of test images -> image scores and pixel maps.
+2. ``train(ctx)`` per category, only for methods with ``trains_per_category = True`` (a network
+   trained on the category: MSP-SVDD's encoders, SLSG's SegNet, DSR's stage 2, APC's fine-tuning).
+   The `train` stage saves ``trained_tensors()`` + ``self.meta`` into its own DVC output
+   (``checkpoints/<method>/<ds>/train/<cat>/``), so it is cached per category by DVC,
+3. ``fit(ctx)`` per category (memory bank, density, or the last, cheap step on top of the trained
+   network); for a training method it starts with ``self.load_trained(ctx.train_dir)``,
+4. ``predict(images)`` on batches of test images -> image scores and pixel maps.
 
-Fitted state is stored as ``model.safetensors`` (tensors) + ``model.json`` (config and metadata):
-no pickles, so a model file from elsewhere cannot execute code when loaded.
+Fitted and trained state is stored as ``*.safetensors`` (tensors) + ``*.json`` (config and
+metadata): no pickles, so a model file from elsewhere cannot execute code when loaded.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class FitContext:
     work_dir: Path | None = None   # scratch (checkpoints for resumable training)
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    train_dir: Path | None = None  # fit: the category's `train` stage output (training methods only)
 
 
 class AnomalyMethod(ABC):
@@ -94,6 +100,60 @@ class AnomalyMethod(ABC):
         model = build_backbone(backbone, weights, seed=ctx.seed, dataset=ctx.dataset)
         save_backbone(model, ctx.out_dir / "backbone.safetensors", backbone, {"weights": weights})
         return {"backbone": backbone, "weights": weights}
+
+    #: True for a method that trains a network per category: it implements ``train``,
+    #: ``trained_tensors`` and ``load_trained_tensors``, and the pipeline runs a `train` stage for it.
+    trains_per_category: ClassVar[bool] = False
+
+    def train(self, ctx: FitContext) -> dict:
+        """Per-category training (network weights only; banks etc. belong in ``fit``). Returns stats."""
+        raise NotImplementedError(f"{self.name} has no per-category training step")
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors ``train`` produced (what the `train` stage saves)."""
+        raise NotImplementedError(f"{self.name} has no per-category training step")
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``trained_tensors`` output (``self.meta`` already holds the train stage's meta)."""
+        raise NotImplementedError(f"{self.name} has no per-category training step")
+
+    def save_trained(self, out_dir: str | Path) -> None:
+        """Write ``trained.safetensors`` + ``trained.json`` into ``out_dir`` (the stage makes it atomic)."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.trained_tensors().items()}
+        save_file(tensors, str(out_dir / "trained.safetensors"))
+        (out_dir / "trained.json").write_text(json.dumps(
+            {"method": self.name, "config": self.config.model_dump(mode="json"), "meta": self.meta},
+            indent=2, sort_keys=True) + "\n")
+
+    def load_trained(self, train_dir: str | Path | None) -> None:
+        """Load the `train` stage's output into this instance (merging its meta into ``self.meta``)."""
+        from safetensors.torch import load_file
+
+        from defectlab.errors import ConfigError, ResourceMissingError
+
+        info_path = Path(train_dir) / "trained.json" if train_dir else None
+        if info_path is None or not info_path.exists():
+            raise ResourceMissingError(f"{train_dir}: no trained {self.name} network here (trained.json missing); "
+                                       f"run the train stage first (dvc repro train@{self.name}-<dataset>-<category>)")
+        info = json.loads(info_path.read_text())
+        if info.get("method") != self.name:
+            raise ResourceMissingError(f"{info_path}: holds a {info.get('method')!r} network, not {self.name!r}")
+        trained_cfg = self.Config.model_validate(info["config"])
+        if not self.same_training_config(trained_cfg):
+            raise ConfigError(f"{info_path}: trained with a different {self.name} config than params.yaml's; "
+                              f"rerun the train stage (dvc repro)")
+        self.meta.update(info.get("meta", {}))
+        self.load_trained_tensors({k: v.to(self.device) for k, v in
+                                   load_file(str(Path(train_dir) / "trained.safetensors")).items()})
+
+    def same_training_config(self, trained: StrictModel) -> bool:
+        """Whether a network trained with config ``trained`` is valid for ``self.config``. Default:
+        identical configs (a method may relax it to the fields its training reads)."""
+        return trained.model_dump(mode="json") == self.config.model_dump(mode="json")
 
     @abstractmethod
     def fit(self, ctx: FitContext) -> dict:

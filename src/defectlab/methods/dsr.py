@@ -12,22 +12,30 @@ The *anomaly detection module* (Sec. 3.4), a U-Net on [I_spc, I_gen], outputs th
 mask ``M`` at feature resolution; the *upsampling module* (Sec. 3.5), a U-Net on [I, up(M)],
 refines it to the full-resolution mask ``M_r``.
 
-Training has three stages (Sec. 3.7):
+Training has three stages (Sec. 3.7), one per DVC stage:
 
-1. ``pretrain`` (dataset-level, shared by all categories): the encoder, both codebooks and the
-   general decoder learn to reconstruct a *general* image set (ImageNet in the paper; here
-   any image folder, by default every category's normal training images plus procedural
-   textures) with the VQ-VAE loss of Eq. 2: reconstruction + codebook + λ1·commitment, with
-   straight-through gradients. The codebooks are updated by that loss (``codebook_update:
-   loss``, as Eq. 2 says) or by exponential moving averages (``ema``, as the authors' code).
-2. ``fit``, stage 2 (per category): with stage 1 frozen, anomalies are generated *in feature
-   space* (Sec. 3.6): inside a Perlin mask the quantized features are replaced by codebook
-   vectors near, but not at, the original (:func:`sample_near_codes`). Restriction modules,
-   object decoder and detection module are trained with Eq. 3: focal(M_gt, M) +
-   λ2·L2(F̃, Q) + λ3·L2(I, I_spc), with Q and I the anomaly-free features and image.
-3. ``fit``, stage 3: the upsampling module is trained with focal loss on images with pasted
-   *smudges* (Perlin-shaped patches of a random colour, partly transparent), whose
-   full-resolution masks are known, through the frozen stage 1 and 2 networks.
+1. ``pretrain`` (DVC `pretrain`, dataset-level, shared by all categories): the encoder, both
+   codebooks and the general decoder learn to reconstruct a *general* image set (ImageNet in
+   the paper; here any image folder, by default every category's normal training images plus
+   procedural textures) with the VQ-VAE loss of Eq. 2: reconstruction + codebook +
+   λ1·commitment, with straight-through gradients. The codebooks are updated by that loss
+   (``codebook_update: loss``, as Eq. 2 says) or by exponential moving averages (``ema``, as
+   the authors' code). Output: ``vq.safetensors`` + ``vq.json``.
+2. ``train`` (DVC `train`, per category), stage 2: with stage 1 frozen (read from
+   ``ctx.pretrain_dir``), anomalies are generated *in feature space* (Sec. 3.6): inside a
+   Perlin mask the quantized features are replaced by codebook vectors near, but not at, the
+   original (:func:`sample_near_codes`). Restriction modules, object decoder and detection
+   module are trained with Eq. 3: focal(M_gt, M) + λ2·L2(F̃, Q) + λ3·L2(I, I_spc), with Q and I
+   the anomaly-free features and image. ``trained_tensors`` = the frozen stage-1 weights it was
+   trained on plus the stage-2 modules (everything but the upsampling module), so stage 3
+   needs nothing else; the stage output is ``checkpoints/dsr/<ds>/train/<cat>/``.
+3. ``fit`` (DVC `fit`, per category), stage 3: ``load_trained(ctx.train_dir)`` restores stages
+   1-2 (stage 2 is never retrained here), then the upsampling module is trained with focal loss
+   on images with pasted *smudges* (Perlin-shaped patches of a random colour, partly
+   transparent), whose full-resolution masks are known, through the frozen stage 1 and 2
+   networks. The fitted model (all modules) goes to ``models/dsr/<ds>/<cat>/``.
+
+``evaluate`` (DVC `evaluate`) loads that model and calls ``predict``.
 
 Scoring (Sec. 3.4): the image score is the maximum of ``M`` (upsampled to the image) smoothed
 by a 21×21 mean filter; the pixel map is ``M_r``.
@@ -38,19 +46,20 @@ subspace restriction modules have three conv blocks (two poolings), which needs 
 to be a multiple of 32 and at least 64; ``upsampling_residual`` (off in ``paper``) lets a
 short stage 3 start from M instead of from an untrained network.
 
-Stage outputs are cached: stage 1 in the pretrain directory (``vq.safetensors``); stage 2 in
-``ctx.work_dir`` (or ``ctx.extra['dsr_stage2_dir']``) as ``dsr-stage2-<hash>.safetensors``,
-where the hash covers everything stage 2 depends on, so a refit with the same inputs skips it
-and trains stage 3 only. Each stage also writes a resumable checkpoint (weights + optimiser)
-every ``checkpoint_every`` steps into ``ctx.work_dir`` and resumes from it. Every step's
-randomness is drawn from a generator seeded by (seed, stage, step), so a resumed run is
-identical to an uninterrupted one.
+There is no cache of its own: each stage's output is a DVC output, cached by DVC. ``fit``
+accepts a train output whose config differs from its own only in stage-3 and scoring settings
+(``same_training_config``), so outside DVC such a change needs no new stage 2. Each stage
+also writes a resumable checkpoint (weights + optimiser) every ``checkpoint_every`` steps into
+``ctx.work_dir``, named by a hash of its inputs, resumes from it and removes it once done. Every step's randomness is
+drawn from a generator seeded by (seed, stage, step), so a resumed run is identical to an
+uninterrupted one.
 
 Optional supervision (Sec. 4.2, "Extension to supervised learning"): with ``n_supervised`` = N
-> 0, N annotated anomalous test images are drawn, used in stage 2 next to the generated
-anomalies (their masks supervise the detection module; they take no part in the
+> 0, N annotated anomalous test images are drawn by ``train`` and used in stage 2 next to the
+generated anomalies (their masks supervise the detection module; they take no part in the
 reconstruction losses, which need an anomaly-free target), and listed in
-``meta['exclude_from_eval']`` so evaluation never sees them.
+``meta['exclude_from_eval']`` (carried by the train output into the fitted model) so evaluation
+never sees them.
 """
 
 from __future__ import annotations
@@ -567,7 +576,8 @@ class Stage2Batch:
 class DSR(AnomalyMethod):
     name = "dsr"
     Config = DSRConfig
-    trains_in_pretrain = True
+    trains_in_pretrain = True          # stage 1
+    trains_per_category = True         # stage 2
 
     def __init__(self, config: DSRConfig, device: torch.device | str = "cpu"):
         super().__init__(config, device)
@@ -610,14 +620,58 @@ class DSR(AnomalyMethod):
                                              "settings": settings, "image_size": ctx.image_size, "stats": stats})
         return stats
 
-    # -- stages 2 and 3 ---------------------------------------------------------------------
-    def fit(self, ctx: FitContext) -> dict:
-        """Stage 2 (cached per config hash) then stage 3."""
+    # -- stage 2 (the `train` stage) ----------------------------------------------------------
+    def train(self, ctx: FitContext) -> dict:
+        """Stage 2 on the category (Sec. 3.7, Eq. 3), stage 1 frozen from ``ctx.pretrain_dir``.
+        What it trained is ``trained_tensors``; ``fit`` adds stage 3 on top."""
         stats = self.train_stage2(ctx)
-        stats.update(self.train_stage3(ctx))
         self.net.eval()
         self.meta.update({"image_size": ctx.image_size, "n_train_images": len(ctx.data.train)})
         return stats
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Stage 1 (as frozen during stage 2) and the stage-2 modules: all but the upsampler."""
+        if self.net is None:
+            raise RuntimeError("DSR.trained_tensors: nothing trained yet (call train first)")
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("upsampler.")}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.net = DSRNet(self.config).to(self.device)
+        missing, unexpected = self.net.load_state_dict(tensors, strict=False)
+        wrong = [k for k in missing if not k.startswith("upsampler.")] + list(unexpected)
+        if wrong:
+            raise ConfigError(f"DSR train output does not match the network (missing/unexpected: {wrong[:5]}); "
+                              "rerun the train stage")
+        self.net.vq.eval().requires_grad_(False)
+        self.net.object_modules().eval().requires_grad_(False)
+
+    def same_training_config(self, trained: DSRConfig) -> bool:
+        """Stage 2 does not read the stage-3 and scoring settings: a change there keeps it valid."""
+        ignore = set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS)
+        return (trained.model_dump(mode="json", exclude=ignore) ==
+                self.config.model_dump(mode="json", exclude=ignore))
+
+    # -- stage 3 (the `fit` stage) ------------------------------------------------------------
+    def fit(self, ctx: FitContext) -> dict:
+        """Stage 3 on top of the `train` stage's output (``ctx.train_dir``); stage 2 is not rerun."""
+        torch.manual_seed(ctx.seed)           # the upsampling module's initial weights
+        self.load_trained(ctx.train_dir)
+        self._check_trained(ctx)
+        self.meta["stage2_sha256"] = sha256_file(Path(ctx.train_dir) / "trained.safetensors")
+        stats = self.train_stage3(ctx)
+        self.net.eval()
+        return stats
+
+    def _check_trained(self, ctx: FitContext) -> None:
+        """The train output must match this category's image size and the current stage 1."""
+        check_image_size(ctx.image_size)
+        if self.meta.get("image_size") != ctx.image_size:
+            raise ConfigError(f"{ctx.train_dir}: stage 2 was trained at {self.meta.get('image_size')} px, "
+                              f"the fit runs at {ctx.image_size} px; rerun the train stage")
+        vq_file = Path(ctx.pretrain_dir) / "vq.safetensors" if ctx.pretrain_dir is not None else None
+        if vq_file is not None and vq_file.exists() and sha256_file(vq_file) != self.meta.get("stage1_sha256"):
+            raise ConfigError(f"{ctx.train_dir}: stage 2 was trained on another stage-1 model than "
+                              f"{vq_file}; rerun the train stage")
 
     def _setup(self, ctx: FitContext) -> None:
         """Build the network and load the frozen stage-1 weights from the pretrain directory."""
@@ -640,31 +694,20 @@ class DSR(AnomalyMethod):
         self.net.vq.eval().requires_grad_(False)
         self.meta["stage1_sha256"] = sha256_file(Path(ctx.pretrain_dir) / "vq.safetensors")
 
-    def stage2_path(self, ctx: FitContext) -> Path | None:
-        """Where the stage-2 weights for this exact input live (None without a work dir)."""
-        folder = ctx.extra.get("dsr_stage2_dir") or ctx.work_dir
-        if folder is None:
-            return None
-        cfg = self.config.model_dump(exclude=set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS))
-        key = config_hash({"config": cfg, "stage1": self.meta["stage1_sha256"], "seed": ctx.seed,
-                           "size": ctx.image_size, "category": ctx.category,
-                           "train": sorted(Path(s.path).name for s in ctx.data.train),
-                           "supervised": self.meta.get("exclude_from_eval", [])})
-        return Path(folder) / f"dsr-stage2-{key}.safetensors"
+    def stage2_key(self, ctx: FitContext) -> str:
+        """A hash of everything stage 2 depends on (names its resumable checkpoint)."""
+        cfg = self.config.model_dump(mode="json", exclude=set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS))
+        return config_hash({"config": cfg, "stage1": self.meta["stage1_sha256"], "seed": ctx.seed,
+                            "size": ctx.image_size, "category": ctx.category,
+                            "train": sorted(Path(s.path).name for s in ctx.data.train),
+                            "supervised": self.meta.get("exclude_from_eval", [])})
 
     def train_stage2(self, ctx: FitContext) -> dict:
-        """Stage 2 (Sec. 3.7, Eq. 3), or load its cached result. Public so a pipeline can run it
-        as its own step; ``fit`` then finds the cache and trains stage 3 only."""
-        from safetensors.torch import load_file, save_file
-
+        """Stage 2 (Sec. 3.7, Eq. 3): restriction modules, object decoder and detection module,
+        resuming from its checkpoint in ``ctx.work_dir`` if one is there."""
         self._setup(ctx)
         real_images, real_masks = self._supervised_examples(ctx)
-        path = self.stage2_path(ctx)
         modules = self.net.object_modules()
-        if path is not None and path.exists():
-            modules.load_state_dict({k: v.to(self.device) for k, v in load_file(str(path)).items()})
-            log.info("DSR stage 2: reusing %s", path)
-            return {"stage2_cached": 1.0}
         cfg = self.config
         images = load_train_images(ctx)
         neighbours = {"lo": codebook_neighbours(self.net.vq.vq_lo.codebook),
@@ -689,15 +732,13 @@ class DSR(AnomalyMethod):
         def step_loss(step: int, batch: Stage2Batch) -> tuple[torch.Tensor, dict]:
             return self.stage2_loss(batch, neighbours)
 
-        checkpoint = Path(ctx.work_dir) / f"{path.stem}.ckpt.pt" if ctx.work_dir is not None and path else None
+        checkpoint = (Path(ctx.work_dir) / f"dsr-stage2-{self.stage2_key(ctx)}.ckpt.pt"
+                      if ctx.work_dir is not None else None)
         modules.train()
         stats = train_loop(modules, modules.parameters(), step_loss, batches, iters=cfg.stage2_iters,
                            lr_at=lambda step: cfg.stage2_lr * (0.1 if step >= cfg.stage2_lr_drop_at else 1.0),
                            checkpoint=checkpoint, every=cfg.checkpoint_every, desc="stage2", progress=ctx.progress)
-        if path is not None:
-            with atomic_path(path) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in modules.state_dict().items()}, str(tmp))
-        stats["stage2_cached"] = 0.0
+        modules.eval()
         return stats
 
     @torch.no_grad()
@@ -758,15 +799,17 @@ class DSR(AnomalyMethod):
         return loss, {"focal": seg.item(), "feat": (feat.sum() / denom).item(), "img": (img.sum() / denom).item()}
 
     def train_stage3(self, ctx: FitContext) -> dict:
-        """Stage 3 (Sec. 3.7): the upsampling module on smudged images, stages 1-2 frozen."""
+        """Stage 3 (Sec. 3.7): the upsampling module on smudged images, stages 1-2 frozen,
+        resuming from its checkpoint in ``ctx.work_dir`` if one is there."""
         cfg = self.config
         self.net.object_modules().eval().requires_grad_(False)
         self.net.upsampler.train()
         images = load_train_images(ctx)
-        path = self.stage2_path(ctx)
         checkpoint = None
-        if ctx.work_dir is not None and path is not None:
-            key = config_hash({"stage2": path.name, **{k: getattr(cfg, k) for k in STAGE3_KEYS}})
+        if ctx.work_dir is not None:
+            key = config_hash({"stage2": self.meta.get("stage2_sha256"), "seed": ctx.seed, "size": ctx.image_size,
+                               "category": ctx.category, "train": sorted(Path(s.path).name for s in ctx.data.train),
+                               **{k: getattr(cfg, k) for k in STAGE3_KEYS}})
             checkpoint = Path(ctx.work_dir) / f"dsr-stage3-{key}.ckpt.pt"
 
         def batches(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -39,15 +39,29 @@ bank searched with ``defectlab.memory.NearestNeighbourIndex``). Overlapping patc
 averaged per pixel (Eq. 7), the per-scale maps summed (Eq. 8); the image score is the maximum
 over 8×8 window means with stride 4 (Eq. 9).
 
-Where training happens: the paper trains per category, so the encoders are trained inside
-``fit`` (on ``ctx.data.train``). ``pretrain`` only freezes the VGG16-style initial weights into
-its output directory (``vgg_init.safetensors``): torchvision's ImageNet VGG16 ``features`` when
-``weights: imagenet`` (needs the cached weights file, offline), a state-dict path, or a seeded
-random initialisation (``weights: random``, the offline default). ``width`` < 1 thins every
-VGG16 layer (random initialisation only) so CPU smoke runs fit their time budget. A warning
-states which initialisation was used. With ``ctx.work_dir`` set, training writes a resumable
-checkpoint every ``checkpoint_every`` epochs; every epoch's randomness comes from a generator
-seeded by (seed, epoch), so a resumed run equals an uninterrupted one.
+Pipeline stages
+---------------
+* ``pretrain`` (per dataset): no training; only freezes the VGG16-style initial weights into its
+  output directory (``vgg_init.safetensors``): torchvision's ImageNet VGG16 ``features`` when
+  ``weights: imagenet`` (needs the cached weights file, offline), a state-dict path, or a seeded
+  random initialisation (``weights: random``, the offline default). ``width`` < 1 thins every
+  VGG16 layer (random initialisation only) so CPU smoke runs fit their time budget. A warning
+  states which initialisation was used.
+* ``train`` (per category, ``trains_per_category``; the paper trains per category): ``train``
+  loads that initialisation and trains every Enc_θ and C_θ on ``ctx.data.train`` (losses above,
+  K-means recomputations). The stage saves the encoders, the angle classifiers and the last
+  K-means centres (``trained_tensors``) plus ``self.meta`` (initialisation source, per-epoch
+  loss / SSL-accuracy history, K-means epochs; the stage adds the returned stats as
+  ``meta['train']``) to ``checkpoints/msp_svdd/<ds>/train/<cat>/``. With ``ctx.work_dir`` set,
+  training writes a resumable checkpoint every ``checkpoint_every`` epochs (deleted once
+  training ends); every epoch's randomness comes from a generator seeded by (seed, epoch), so a
+  resumed run equals an uninterrupted one.
+* ``fit`` (per category, cheap): ``load_trained(ctx.train_dir)`` (fails clearly when the train
+  stage has not run or ran with another config), then the memory banks T^θ (every training patch
+  on the inference grid, embedded with the trained encoders). The fitted model
+  (``state_tensors``: encoders + banks; ``meta``, training history included) is all that
+  ``predict`` needs.
+* ``evaluate``: ``predict`` as described under Inference.
 """
 
 from __future__ import annotations
@@ -342,6 +356,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
     name = "msp_svdd"
     Config = MSPSVDDConfig
     trains_in_pretrain = False
+    trains_per_category = True
 
     def __init__(self, config: MSPSVDDConfig, device="cpu"):
         super().__init__(config, device)
@@ -357,7 +372,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
     @classmethod
     def pretrain(cls, config: MSPSVDDConfig, ctx: PretrainContext) -> dict:
         """Writes ``vgg_init.safetensors`` (the encoders' shared initialisation); no training here:
-        the paper trains the encoders per category, which ``fit`` does."""
+        the paper trains the encoders per category, which ``train`` does."""
         from safetensors.torch import save_file
 
         state, source = init_features(config.weights, config.width, ctx.seed, ctx.dataset)
@@ -527,16 +542,70 @@ class MultiScalePatchSVDD(AnomalyMethod):
             out[p] = float((logits.argmax(1).cpu() == y).float().mean())
         return out
 
-    # -- fit -------------------------------------------------------------------------------------
-    def fit(self, ctx: FitContext) -> dict:
+    # -- train (the `train` stage) ----------------------------------------------------------------
+    def _train_images(self, ctx: FitContext) -> torch.Tensor:
+        """The category's normal training images (N, 3, H, W), normalised, on ``self.device``."""
+        loader = make_loader(ctx.data.train, ctx.image_size, batch_size=16)
+        return torch.cat([b["image"] for b in loader]).to(self.device)
+
+    @staticmethod
+    def _train_fingerprint(ctx: FitContext) -> str:
+        """What the trained encoders depend on besides the config (seed, image size, training images)."""
+        key = json.dumps({"seed": ctx.seed, "size": ctx.image_size,
+                          "train": sorted(Path(s.path).name for s in ctx.data.train)}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def train(self, ctx: FitContext) -> dict:
+        """Train every Enc_θ and C_θ on the category's normal images (Sec. 3.2, 3.3): load the
+        VGG16-style init, train with K-means recomputations, resumable via ``ctx.work_dir``.
+        The encoders, classifiers and last K-means centres are what the `train` stage saves."""
         cfg = self.config
         source = self._load_init(ctx)
-        loader = make_loader(ctx.data.train, ctx.image_size, batch_size=16)
-        images = torch.cat([b["image"] for b in loader]).to(self.device)
+        images = self._train_images(ctx)
         t0 = time.perf_counter()
         checkpoint = self._checkpoint_path(ctx)
         self.history = self.train_encoders(images, ctx.seed, ctx.progress, checkpoint)
         t_train = time.perf_counter() - t0
+        last = self.history[-1]
+        self.meta.update({"init_source": source, "n_train_images": len(images), "train_image_size": ctx.image_size,
+                          "train_fingerprint": self._train_fingerprint(ctx),
+                          "kmeans_epochs": [h["epoch"] for h in self.history if h.get("kmeans_recomputed")],
+                          "history": self.history})
+        stats = {"train_seconds": t_train, "epochs": cfg.epochs, "init_weights": cfg.weights}
+        stats.update({f"final_{k}": v for k, v in last.items() if k not in ("epoch", "kmeans_recomputed")})
+        stats.update({f"first_{k}": v for k, v in self.history[0].items() if k.startswith(("total", "ssl_acc"))})
+        if checkpoint is not None and checkpoint.exists():
+            checkpoint.unlink()
+        return stats
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        if self.classifiers is None:
+            raise ConfigError("msp_svdd: trained_tensors() before train()")
+        out = {f"enc.{k}": v for k, v in self.encoders.state_dict().items()}
+        out.update({f"cls.{k}": v for k, v in self.classifiers.state_dict().items()})
+        out.update({f"centres.{p}": c for p, c in self.centres.items()})
+        return out
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        cfg = self.config
+        self.encoders.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("enc.")})
+        self.encoders.to(self.device).eval()
+        self.classifiers = nn.ModuleDict({str(p): AngleClassifier(cfg.embed_dim, cfg.n_angles) for p in cfg.scales})
+        self.classifiers.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("cls.")})
+        self.classifiers.to(self.device).eval()
+        self.centres = {k[8:]: v.to(self.device) for k, v in tensors.items() if k.startswith("centres.")}
+        self.history = list(self.meta.get("history", []))
+
+    # -- fit (the `fit` stage): memory banks on the trained encoders -------------------------------
+    def fit(self, ctx: FitContext) -> dict:
+        """Load the `train` stage's encoders (``ctx.train_dir``) and build the per-scale memory banks
+        T^θ from every training patch on the inference grid (Eq. 6). No training here."""
+        cfg = self.config
+        self.load_trained(ctx.train_dir)
+        if self.meta.get("train_fingerprint") not in (None, self._train_fingerprint(ctx)):
+            log.warning("msp_svdd: %s: encoders were trained on other images / size / seed than this fit "
+                        "uses (rerun the train stage)", ctx.train_dir)
+        images = self._train_images(ctx)
         t0 = time.perf_counter()
         self.banks = {}
         for p in cfg.scales:   # T^θ: every training patch on the inference grid (Eq. 6)
@@ -544,16 +613,8 @@ class MultiScalePatchSVDD(AnomalyMethod):
             self.banks[p] = emb.reshape(-1, emb.shape[-1])
         self._index = {}
         t_bank = time.perf_counter() - t0
-        last = self.history[-1]
-        self.meta.update({"image_size": ctx.image_size, "n_train_images": len(images), "init_source": source,
-                          "kmeans_epochs": [h["epoch"] for h in self.history if h.get("kmeans_recomputed")]})
-        stats = {"train_seconds": t_train, "bank_seconds": t_bank, "epochs": cfg.epochs,
-                 "init_weights": cfg.weights, **{f"bank_size_{p}": int(b.shape[0]) for p, b in self.banks.items()}}
-        stats.update({f"final_{k}": v for k, v in last.items() if k not in ("epoch", "kmeans_recomputed")})
-        stats.update({f"first_{k}": v for k, v in self.history[0].items() if k.startswith(("total", "ssl_acc"))})
-        if checkpoint is not None and checkpoint.exists():
-            checkpoint.unlink()
-        return stats
+        self.meta.update({"image_size": ctx.image_size, "n_train_images": len(images)})
+        return {"bank_seconds": t_bank, **{f"bank_size_{p}": int(b.shape[0]) for p, b in self.banks.items()}}
 
     # -- predict ---------------------------------------------------------------------------------
     def index(self, patch: int) -> NearestNeighbourIndex:

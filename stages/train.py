@@ -1,0 +1,18 @@
+"""DVC stage: train one training method's network on one category (MSP-SVDD encoders, SLSG SegNet,
+DSR stage 2, APC fine-tuning); cached per category by DVC."""
+
+from defectlab import pipeline
+from defectlab.stagekit import run_stage, stage_args
+
+args = stage_args(__doc__, "method", "dataset", "category")
+
+
+def body(params, run):
+    _, cfg = pipeline.load_method_config(params, args.method)
+    run.log_params({"method": cfg.model_dump(mode="json")})
+    stats = pipeline.train(params, args.method, args.dataset, args.category)
+    run.log_artifacts(pipeline.Layout().trained(args.method, args.dataset, args.category), "trained")
+    return stats
+
+
+run_stage("train", body, dataset=args.dataset, method=args.method, category=args.category)
