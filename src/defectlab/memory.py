@@ -104,7 +104,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
         picks_t = torch.tensor(picks, device=x.device)
         # min_j |x - p_j|² = |x|² + min_j (|p_j|² - 2 x·p_j): one fused matrix product, one reduction
         part = torch.addmm(x_sq[picks_t][None], x, x[picks_t].T, alpha=-2)
-        torch.minimum(min_d, (part.min(1).values + x_sq).clamp_min_(0), out=min_d)
+        torch.minimum(min_d, (part.amin(1) + x_sq).clamp_min_(0), out=min_d)   # amin: no indices
     return torch.tensor(selected[:n], dtype=torch.long)
 
 
