@@ -135,7 +135,9 @@ def add_to_training_set(root: str, dataset: str, category: str, accepted: list[d
 @task(name="rerun-affected-stages")
 def rerun_stages(root: str, method: str, dataset: str, category: str) -> str:
     target = f"evaluate@{method}-{dataset}"
-    out = run_dvc(["repro", target], Path(root))
+    # the synthesis cache belongs to the data version even when this method does not read it
+    out = run_dvc(["repro", f"synthesize@{dataset}"], Path(root))
+    out += run_dvc(["repro", target], Path(root))
     for stage, deps in stage_graph(Path(root)):   # and what consumes the metrics (the report)
         if target in deps:
             out += run_dvc(["repro", "--single-item", stage], Path(root))

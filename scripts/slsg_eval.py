@@ -1,11 +1,15 @@
 """SLSG on the demo data: structural vs logical image AUROC, pixel AUROC, AUPRO and sPRO per category.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/slsg_eval.py --profile smoke --out /tmp/slsg_eval
+    # with the proposed smoke settings and DRAEM-sized structural masks:
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/slsg_eval.py --profile smoke --out /tmp/slsg_eval \
+        --synth-param structural_threshold=0.35 --set freeze_encoder=true --set recalibrate_bn=true \
+        --set seg_lr=0.003 --set seg_iters=200
 
 Generates the demo dataset (``--image-size``, ``--n-train`` ...), simulates a synthesis cache per
 category (structural : logical = 1 : 1, texture categories without foreground restriction, as
-the ``synthesize`` stage does), runs ``SLSG.pretrain`` (GPT-Net, all categories) and ``SLSG.fit``
-(SegNet, per category), scores the test split and writes ``results.json`` + a table.
+the ``synthesize`` stage does), runs ``SLSG.pretrain`` (GPT-Net, all categories), ``SLSG.train``
+(SegNet, per category) and ``SLSG.fit`` (loads it), scores the test split and writes ``results.json`` + a table.
 
 Image AUROC per kind: the good test images against the defects of that kind only (the kinds are
 in each category's ``defects.json``). sPRO (FPR ≤ ``--max-fpr-spro``): the demo data define no
@@ -31,6 +35,7 @@ from defectlab.data.demo import CATEGORIES, generate_demo
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
 from defectlab.methods.slsg import SLSG, SLSGConfig
 from defectlab.metrics import compute_all, image_metrics, spro
+from defectlab.pipeline import train_and_fit
 from defectlab.synthesis.cache import build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +79,15 @@ def main() -> None:
     ap.add_argument("--n-test-good", type=int, default=10)
     ap.add_argument("--n-test-per-defect", type=int, default=4)
     ap.add_argument("--synth-n", type=int, default=64)
+    ap.add_argument("--synth-param", action="append", default=[],
+                    help="key=yaml synthesis option (as params.yaml synthesis.cache.options), e.g. structural_threshold=0.35")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-fpr-spro", type=float, default=0.05)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     cfg = load_config(args.profile, args.overrides)
+    synth_params = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.synth_param)}
     device = torch.device(args.device)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -101,11 +109,11 @@ def main() -> None:
         data = scan_category(data_root, cat)
         synth = out / "synth" / cat
         build_cache([s.path for s in data.train], synth, n=args.synth_n, seed=args.seed, image_size=args.image_size,
-                    kinds={"structural": 0.5, "logical": 0.5}, object_kind=object_kind)
-        model = SLSG(cfg, device)
+                    kinds={"structural": 0.5, "logical": 0.5}, object_kind=object_kind, params=synth_params)
         t0 = time.perf_counter()
-        fit_stats = model.fit(FitContext("demo", cat, data, args.image_size, args.seed, device, pretrain_dir=pre_dir,
-                                         synth_dir=synth, progress=True, extra={"object_kind": object_kind}))
+        ctx = FitContext("demo", cat, data, args.image_size, args.seed, device, pretrain_dir=pre_dir,
+                         synth_dir=synth, progress=True, extra={"object_kind": object_kind})
+        model, fit_stats = train_and_fit(SLSG, cfg, ctx, out / "train" / cat)   # train stage + fit stage
         fit_stats["seconds"] = time.perf_counter() - t0
         r = model.predict_loader(make_loader(data.test, args.image_size, cfg.batch_size))
         m = compute_all(r["labels"], r["scores"], r["masks"], r["maps"])

@@ -48,6 +48,9 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
     ev = children[children["tags.stage"] == "evaluate"]
     assert ev["metrics.image_auroc"].notna().all()
     assert set(ev["tags.mlflow.parentRunId"]) <= set(parents["run_id"])
+    parent_exp = dict(zip(parents["run_id"], parents["experiment_id"]))
+    assert all(parent_exp[p] == e for p, e in zip(children["tags.mlflow.parentRunId"], children["experiment_id"]))
+    assert set(children["experiment_id"]) == {mlflow.get_experiment_by_name("demo").experiment_id}
     from mlflow import MlflowClient
 
     versions = MlflowClient().search_model_versions("name='patchcore-demo-weave'")

@@ -182,27 +182,39 @@ def test_synthesis_gives_both_kinds_with_masks(demo, tmp_path):
         assert changed[mask].mean() > 0.3 and changed[~mask].mean() < 0.02
 
 
+TRAIN_CFG = dict(**TINY, gpt_max_iters=16, gpt_batch=4, seg_iters=120, n_normal=2, n_anomalous=4,
+                 optimizer="adam", seg_lr=3e-3, freeze_encoder=True, recalibrate_bn=True)   # the smoke recipe
+
+
+def _ctx(data, pre, **kw):
+    from defectlab.methods.base import FitContext
+
+    return FitContext("demo", "grain", data, SIZE, 0, torch.device("cpu"), pretrain_dir=pre, progress=False,
+                      extra={"object_kind": "texture"}, **kw)
+
+
 @pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory):
+    """pretrain (GPT-Net) -> train (SegNet, saved as the `train` stage saves it) -> fit on a new
+    instance that reads the train output back, as the DVC stages run them."""
     from defectlab.data import scan_category
-    from defectlab.methods.base import FitContext, PretrainContext
+    from defectlab.methods.base import PretrainContext
+    from defectlab.pipeline import train_and_fit
 
-    cfg = SLSGConfig(**TINY, gpt_max_iters=16, gpt_batch=4, seg_iters=120, n_normal=2, n_anomalous=4,
-                     optimizer="adam", seg_lr=1e-3)
+    cfg = SLSGConfig(**TRAIN_CFG)
     pre = tmp_path_factory.mktemp("slsg_pre")
     pre_stats = SLSG.pretrain(cfg, PretrainContext("demo", demo, ["grain", "board"], pre, SIZE, 0,
                                                    torch.device("cpu"), progress=False))
     data = scan_category(demo, "grain")
-    model = SLSG(cfg)
-    stats = model.fit(FitContext("demo", "grain", data, SIZE, 0, torch.device("cpu"), pretrain_dir=pre,
-                                 progress=False, extra={"object_kind": "texture"}))
-    return model, data, pre, pre_stats, stats
+    train_dir = tmp_path_factory.mktemp("slsg_train") / "grain"
+    model, stats = train_and_fit(SLSG, cfg, _ctx(data, pre), train_dir)
+    return model, data, pre, pre_stats, stats, train_dir
 
 
 def test_gptnet_pretraining_loss_falls_and_writes_encoder(trained):
     from defectlab.backbones import load_state_dict
 
-    _, _, pre, pre_stats, _ = trained
+    _, _, pre, pre_stats, *_ = trained
     assert pre_stats["gpt_l1_last"] < 0.8 * pre_stats["gpt_l1_first"]
     assert pre_stats["gpt_loss_last"] < pre_stats["gpt_loss_first"]
     enc = load_state_dict(pre / "backbone.safetensors")
@@ -212,7 +224,7 @@ def test_gptnet_pretraining_loss_falls_and_writes_encoder(trained):
 def test_segnet_loss_falls_and_uses_gptnet_encoder(trained):
     from defectlab.backbones import load_state_dict
 
-    model, _, pre, _, stats = trained
+    model, _, pre, _, stats, _ = trained
     assert stats["loss_last"] < 0.5 * stats["loss_first"]
     assert stats["l1_last"] < stats["l1_first"]
     assert model.meta["encoder"] == "gptnet"
@@ -245,3 +257,64 @@ def test_detects_planted_defects(trained):
     m = compute_all(r["labels"], r["scores"], r["masks"], r["maps"])
     assert m["image_auroc"] > 0.75, m
     assert m["pixel_auroc"] > 0.6, m
+
+
+# ----------------------------------------------------------------------------- train / fit split
+def test_train_stage_output_and_fit_reproduces_predictions(trained):
+    """`fit` in a new process (a fresh instance) only loads the `train` output: same predictions
+    as the model train_and_fit returned, no training step run."""
+    import json
+
+    from defectlab.methods.base import make_loader
+
+    model, data, pre, _, _, train_dir = trained
+    assert SLSG.trains_per_category
+    assert (train_dir / "trained.safetensors").exists()
+    info = json.loads((train_dir / "trained.json").read_text())
+    assert info["method"] == "slsg" and info["meta"]["encoder"] == "gptnet"
+    assert info["meta"]["train"]["seg_steps"] == 120 and "loss_history" in info["meta"]
+
+    fresh = SLSG(SLSGConfig(**TRAIN_CFG))
+    fresh._train_segnet = None   # fit must not train: calling it would fail
+    stats = fresh.fit(_ctx(data, pre, train_dir=train_dir))
+    assert stats["seg_steps"] == 120
+    batch = next(iter(make_loader(data.test, SIZE, 6)))["image"]
+    s1, m1 = model.predict(batch)
+    s2, m2 = fresh.predict(batch)
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(m1, m2)
+    # a predict-only setting may change without retraining; a training setting may not
+    SLSG(SLSGConfig(**{**TRAIN_CFG, "top_k": 10})).fit(_ctx(data, pre, train_dir=train_dir))
+    from defectlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different slsg config"):
+        SLSG(SLSGConfig(**{**TRAIN_CFG, "seg_iters": 121})).fit(_ctx(data, pre, train_dir=train_dir))
+
+
+def test_fit_without_train_output_fails_clearly(demo, tmp_path):
+    from defectlab.data import scan_category
+    from defectlab.errors import ResourceMissingError
+
+    data = scan_category(demo, "grain")
+    with pytest.raises(ResourceMissingError, match="run the train stage"):
+        SLSG(SLSGConfig(**TRAIN_CFG)).fit(_ctx(data, None))
+    with pytest.raises(ResourceMissingError, match="trained.json missing"):
+        SLSG(SLSGConfig(**TRAIN_CFG)).fit(_ctx(data, None, train_dir=tmp_path / "nothing"))
+
+
+def test_recalibrate_encoder_bn_uses_normal_images(demo):
+    """recalibrate_bn: the encoder's BN running statistics become those of the normal images
+    (GPT-Net's are those of masked inputs); weights are unchanged."""
+    from defectlab.backbones import build_backbone
+    from defectlab.data import ImageDataset, scan_category
+
+    model = SLSG(SLSGConfig(**TINY, recalibrate_bn=True, freeze_encoder=True))
+    model._build(build_backbone("resnet18", "random", seed=0))
+    w = model.net.encoder.conv1.weight.detach().clone()
+    normal = ImageDataset(scan_category(demo, "grain").train, SIZE)   # 16 images: two batches of 8
+    model._recalibrate_encoder_bn(normal)
+    x = torch.stack([normal[i]["image"] for i in range(len(normal))])
+    with torch.no_grad():
+        pre_bn = model.net.encoder.conv1(x)
+    torch.testing.assert_close(model.net.encoder.bn1.running_mean, pre_bn.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.net.encoder.conv1.weight, w) and not model.net.encoder.training

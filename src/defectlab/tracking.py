@@ -138,7 +138,8 @@ class StageRun:
 
         tags = {**self.tags, "category": category}
         name = "/".join(x for x in (tags.get("stage"), tags.get("method"), category) if x)
-        with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True,
+                              tags=tags) as run:
             yield StageRun(run, tags)
 
     @property

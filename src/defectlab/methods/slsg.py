@@ -16,7 +16,7 @@ Two networks share one ResNet-18 encoder (Sec. 4.2):
    Only the encoder is kept (``backbone.safetensors``, torchvision layout); the whole GPT-Net
    and D-Net are written too (``gptnet.safetensors``).
 
-2. **SegNet** (Sec. 3.2–3.4), trained per category in ``fit``: the pre-trained encoder, the
+2. **SegNet** (Sec. 3.2–3.4), trained per category in ``train``: the pre-trained encoder, the
    **SG block** on its deepest map, and a decoder of the same shape as GPT-Net's that outputs a
    one-channel anomaly logit map. Batches hold ``n_normal`` normal images (empty masks) and
    ``n_anomalous`` simulated anomalies from the shared synthesis cache (structural: Perlin ∧
@@ -25,7 +25,11 @@ Two networks share one ResNet-18 encoder (Sec. 4.2):
    ``defectlab.synthesis``). Objective Eq. 11: L_S = α4·focal(γ=4) + α5·ℓ1 + α6·L_aux^S
    (0.4, 0.6, 0.3), SGD lr 0.04. ``L_aux^S`` (the paper names it without a formula): ℓ2 between
    the sigmoid of a 1×1 head on the SG block output and the mask area-averaged to that
-   resolution, mirroring ``L_aux^R``.
+   resolution, mirroring ``L_aux^R``. Engineering options for short (smoke) trainings, not in the
+   paper: ``freeze_encoder`` (train only SG block + decoder: half the step time, and a few hundred
+   steps of fine-tuning on batches of 4 wreck the encoder) and ``recalibrate_bn`` (the GPT-Net
+   encoder's batch-norm statistics are those of 80 %-masked inputs; re-estimate them on the
+   category's normal images first).
 
 The SG block (Sec. 3.3, Fig. 4) on the encoder output X (N = h·w nodes):
 
@@ -45,6 +49,17 @@ image score is the mean of its ``top_k`` (100) highest pixels.
 Training randomness is drawn per step from generators seeded by (seed, stage, step), and both
 trainings checkpoint into ``work_dir`` every ``checkpoint_every`` steps and resume from there,
 so a resumed run equals an uninterrupted one.
+
+DVC stages:
+
+* ``pretrain`` (per dataset): GPT-Net + D-Net (:meth:`SLSG.pretrain`) ->
+  ``checkpoints/slsg/<ds>/pretrain/`` (``backbone.safetensors`` = the encoder SegNet starts from);
+* ``train`` (per category, ``trains_per_category``): SegNet on normal images + the category's
+  synthesis cache (``data/synth/<ds>/<cat>``) (:meth:`SLSG.train`) ->
+  ``checkpoints/slsg/<ds>/train/<cat>/trained.{safetensors,json}``;
+* ``fit`` (per category): only loads that SegNet (:meth:`SLSG.fit`; SLSG has no bank or
+  calibration step) and saves it as the fitted model ``models/slsg/<ds>/<cat>/``;
+* ``evaluate``: :meth:`SLSG.predict` — sigmoid map and top-k image score.
 """
 
 from __future__ import annotations
@@ -116,6 +131,9 @@ class SLSGConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm (None: off, as the paper)")
     freeze_encoder: bool = Field(False, description="keep the GPT-Net encoder fixed while training SegNet")
+    recalibrate_bn: bool = Field(False, description="re-estimate the encoder's batch-norm statistics on the "
+                                 "category's normal images before SegNet training (GPT-Net's are those of "
+                                 "80 %-masked inputs; matters with freeze_encoder)")
     focal_gamma: float = Field(4.0, ge=0)
     alpha_focal: float = Field(0.4, ge=0, description="α4 (Eq. 11)")
     alpha_l1: float = Field(0.6, ge=0, description="α5 (Eq. 11)")
@@ -403,6 +421,7 @@ class SLSG(AnomalyMethod):
     name = "slsg"
     Config = SLSGConfig
     trains_in_pretrain = True
+    trains_per_category = True
 
     def __init__(self, config: SLSGConfig, device="cpu"):
         super().__init__(config, device)
@@ -505,7 +524,10 @@ class SLSG(AnomalyMethod):
     def _build(self, encoder_model: nn.Module) -> None:
         self.net = SegNet(self.config, encoder_model).to(self.device)
 
-    def fit(self, ctx: FitContext) -> dict:
+    def train(self, ctx: FitContext) -> dict:
+        """The `train` stage: SegNet on the category's normal images + the simulated anomalies of
+        ``ctx.synth_dir`` (a small temporary cache is simulated when there is none), starting from
+        the GPT-Net encoder of ``ctx.pretrain_dir``."""
         from tqdm.auto import tqdm
 
         from defectlab.synthesis.cache import SynthDataset, build_cache
@@ -534,12 +556,62 @@ class SLSG(AnomalyMethod):
             synth = SynthDataset(synth_dir, ctx.image_size)
             if len(synth) == 0:
                 raise ConfigError(f"{synth_dir}: synthesis cache is empty")
+            if cfg.recalibrate_bn:
+                self._recalibrate_encoder_bn(normal)
             stats = self._train_segnet(normal, synth, ctx, tqdm)
         finally:
             if tmp_dir is not None:
                 tmp_dir.cleanup()
         self.net.eval()
         return stats
+
+    @torch.no_grad()
+    def _recalibrate_encoder_bn(self, normal, batch: int = 8) -> None:
+        """Batch-norm running statistics of the encoder from the normal training images (cumulative
+        average over one pass); the encoder's weights are unchanged."""
+        enc = self.net.encoder
+        bns = [m for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        enc.train()
+        for i in range(0, len(normal), batch):
+            enc(_stack(normal, range(i, min(i + batch, len(normal))))["image"].to(self.device))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        enc.eval()
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        if self.net is None:
+            raise RuntimeError("slsg: trained_tensors before train")
+        return {f"segnet.{k}": v for k, v in self.net.state_dict().items()}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_tensors(tensors)
+
+    #: config fields only ``predict`` reads: changing them needs no retraining
+    PREDICT_ONLY_FIELDS = frozenset({"top_k", "batch_size"})
+
+    def same_training_config(self, trained: StrictModel) -> bool:
+        drop = self.PREDICT_ONLY_FIELDS
+        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k not in drop}
+        theirs = {k: v for k, v in trained.model_dump(mode="json").items() if k not in drop}
+        return mine == theirs
+
+    def fit(self, ctx: FitContext) -> dict:
+        """The `fit` stage: load the SegNet the `train` stage wrote (``ctx.train_dir``); SLSG has no
+        further fitting step (its scores come straight from SegNet), so nothing is trained here."""
+        self.device = torch.device(ctx.device)
+        self.load_trained(ctx.train_dir)
+        size = self.meta.get("image_size")
+        if size is not None and int(size) != int(ctx.image_size):
+            raise ConfigError(f"{ctx.train_dir}: SegNet was trained at {size} px, the fit asks for {ctx.image_size} px; "
+                              f"rerun the train stage")
+        self.meta["image_size"] = ctx.image_size
+        train_stats = self.meta.get("train", {})
+        return {"seg_steps": float(train_stats.get("seg_steps", self.config.seg_iters)),
+                "loss_last": float(train_stats.get("loss_last", float("nan")))}
 
     def _train_segnet(self, normal, synth, ctx: FitContext, tqdm) -> dict:
         cfg, net, device = self.config, self.net, self.device

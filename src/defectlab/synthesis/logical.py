@@ -36,7 +36,7 @@ def logical_anomaly(
     fg: np.ndarray | None = None,
     delta: tuple[float, float] = (0.2, 1.0),
     max_angle: float = 180.0,
-    threshold: float = 0.3,
+    threshold: float = 0.42,   # on the √2-scaled noise of perlin_mask (0.3 before the scale: same areas)
     max_scale: int = 2,
     max_blobs: int = 2,
 ) -> SynthResult:

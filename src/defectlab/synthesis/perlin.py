@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_SQRT_HALF = float(np.sqrt(0.5))  # bound of |2-D Perlin noise| with unit gradients
+_SQRT_TWO = float(np.sqrt(2.0))  # 2-D Perlin noise with unit gradients lies in [-1/√2, 1/√2]: scale to [-1, 1]
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -84,20 +84,23 @@ def perlin_mask(
 ) -> np.ndarray:
     """DRAEM-style anomaly mask: Perlin noise with random power-of-2 resolution, thresholded.
 
+    As in DRAEM's reference code the noise is scaled by √2 to about [-1, 1] before the
+    threshold (0.5 there): without the scale, 0.5 keeps only the peaks and masks shrink to
+    scattered dots (~0.4 % of the image instead of several percent).
     Resolutions along y and x are drawn independently as 2**k, k in [min_scale, max_scale);
     the field is rotated by a random angle in [-90, 90) degrees when ``rotate``. The mask is
     never empty: empty draws are redrawn, and after ``max_tries`` the top 5 % of the last
     noise field is used.
     """
-    if not 0.0 <= threshold < _SQRT_HALF:
-        raise ValueError(f"threshold must lie in [0, {_SQRT_HALF:.3f}), got {threshold}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
     if not 0 <= min_scale < max_scale:
         raise ValueError(f"need 0 <= min_scale < max_scale, got {min_scale}, {max_scale}")
     noise = np.zeros(shape, dtype=np.float32)
     for _ in range(max_tries):
         ry, rx = 2 ** rng.integers(min_scale, max_scale, size=2)
         angle = float(rng.uniform(-np.pi / 2, np.pi / 2)) if rotate else 0.0
-        noise = perlin_noise(shape, (int(ry), int(rx)), rng, angle=angle)
+        noise = _SQRT_TWO * perlin_noise(shape, (int(ry), int(rx)), rng, angle=angle)
         mask = noise > threshold
         if mask.any():
             return mask
