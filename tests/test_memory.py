@@ -71,6 +71,20 @@ def test_approximate_coreset_covers_nearly_as_well_as_exact():
             assert coreset_coverage(x, fast) <= 1.02 * coreset_coverage(x, ref)
 
 
+def test_bfloat16_coreset_covers_nearly_as_well_as_float32():
+    """coreset_precision: bfloat16 makes approximate picks; their cover radius stays close."""
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(40, 256, generator=g) * 4
+    x = centres[torch.randint(40, (3000,), generator=g)] + torch.randn(3000, 256, generator=g)
+    f32 = greedy_coreset(x, 150, proj_dim=128, batch=32)
+    bf16 = greedy_coreset(x, 150, proj_dim=128, batch=32, precision="bfloat16")
+    assert len(bf16.unique()) == 150
+    assert coreset_coverage(x, bf16) <= 1.1 * coreset_coverage(x, f32)
+    assert coreset_coverage(x, bf16) < coreset_coverage(x, torch.randperm(3000, generator=g)[:150])
+    with pytest.raises(ValueError, match="precision"):
+        greedy_coreset(x, 10, precision="float16")
+
+
 def test_batched_coreset_on_separated_clusters_takes_one_point_per_cluster_first():
     g = torch.Generator().manual_seed(4)
     centres = torch.eye(64)[:20] * 100                  # 20 far-apart clusters

@@ -5,7 +5,8 @@ the ratios compare like with like (these machines are noisy; absolute seconds ar
 
 * ``forward_seconds``: the backbone's forward pass over the training images (the physical floor);
 * ``fit_seconds``: PatchCore's whole fit — forward + patch aggregation + coreset + bank build;
-  ``fit_ratio = fit_seconds / forward_seconds`` (target ≤ 1.5);
+  ``fit_ratio = fit_seconds / forward_seconds`` (target ≤ 1.5); ``*_bf16``: the same fit with
+  ``coreset_precision: bfloat16`` (and the share of its bank shared with the float32 one);
 * the same fit with *exact* greedy coreset selection (no random projection), and the image AUROC
   of both on the test set (target: within 0.5 points);
 * ``score_ratio``: per-image inference time / per-image forward time (the kNN scoring overhead);
@@ -59,7 +60,7 @@ def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weight
 
     loader = torch.utils.data.DataLoader([{"image": im} for im in train], batch_size=batch_size)
 
-    def fit(proj_dim, batch=64):
+    def fit(proj_dim, batch=64, precision="float32"):
         """PatchCore's own fit path (streamed patch features, then coreset) on preloaded tensors."""
         model = PatchCore(PatchCoreConfig(backbone=backbone, layers=list(layers), embed_dim=embed_dim,
                                           coreset_ratio=coreset_ratio, coreset_proj_dim=proj_dim,
@@ -69,7 +70,7 @@ def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weight
         bank = model.collect_patches(loader).to(dev)
         t_feat = time.perf_counter() - t0
         idx = greedy_coreset(bank, max(1, int(round(coreset_ratio * len(bank)))), proj_dim=proj_dim, seed=seed,
-                             batch=batch)
+                             batch=batch, precision=precision)
         model.bank = bank[idx.to(bank.device)].contiguous()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -98,6 +99,12 @@ def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weight
         "score_ratio": t_score / t_fwd_test, "images_per_second": len(test) / t_score,
         "image_auroc": image_metrics(labels, scores)["image_auroc"],
     }
+    model_b, t_fit_b, t_feat_b, _ = fit(128, precision="bfloat16")      # coreset_precision: bfloat16
+    scores_b, _ = score(model_b)
+    out.update({"fit_seconds_bf16": t_fit_b, "coreset_seconds_bf16": t_fit_b - t_feat_b, "fit_ratio_bf16": t_fit_b / t_fwd,
+                "image_auroc_bf16": image_metrics(labels, scores_b)["image_auroc"],
+                "bank_overlap_bf16": len(set(map(tuple, model_b.bank.cpu().tolist())) & set(map(tuple, model.bank.cpu().tolist())))
+                / max(1, len(model.bank))})
     if exact:
         model_e, t_fit_e, _, _ = fit(None, batch=1)
         scores_e, _ = score(model_e)

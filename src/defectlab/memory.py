@@ -44,7 +44,7 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128, n_starts: int = 1,
-                   seed: int = 0, batch: int = 1, candidates: int = 4) -> torch.Tensor:
+                   seed: int = 0, batch: int = 1, candidates: int = 4, precision: str = "float32") -> torch.Tensor:
     """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D).
 
     As in PatchCore: features are first reduced by a Gaussian random projection to ``proj_dim``
@@ -59,7 +59,13 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
     compute-bound BLAS-3 work, an order of magnitude faster per point. A round stops early when a
     candidate's distance falls below the largest distance outside the candidate set, so every pick
     is exactly the one the one-at-a-time greedy would make (up to ties): same result, fewer passes.
+
+    ``precision="bfloat16"`` runs that (N × d) @ (d × B) update in bfloat16 (about 2× faster on
+    CPUs with AVX512-BF16/AMX and on GPUs; distances carry ~1 % relative error, so picks are
+    approximate — ``defectlab bench`` reports the resulting AUROC against exact greedy).
     """
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
     num, dim = features.shape
     n = int(min(max(n, 1), num))
     x = features.float()
@@ -74,6 +80,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
         min_d = torch.minimum(min_d, (x_sq - 2 * x @ x[s] + x_sq[s]).clamp_min_(0))
     selected = [start[0]]
     min_d[start[0]] = 0
+    x_lp, x_sq_lp = (x.bfloat16(), x_sq.bfloat16()) if precision == "bfloat16" else (x, x_sq)
     while len(selected) < n:
         b = min(batch, n - len(selected))
         if b == 1:
@@ -103,8 +110,8 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
         selected += picks
         picks_t = torch.tensor(picks, device=x.device)
         # min_j |x - p_j|² = |x|² + min_j (|p_j|² - 2 x·p_j): one fused matrix product, one reduction
-        part = torch.addmm(x_sq[picks_t][None], x, x[picks_t].T, alpha=-2)
-        torch.minimum(min_d, (part.amin(1) + x_sq).clamp_min_(0), out=min_d)   # amin: no indices
+        part = torch.addmm(x_sq_lp[picks_t][None], x_lp, x_lp[picks_t].T, alpha=-2)
+        torch.minimum(min_d, part.amin(1).float().add_(x_sq).clamp_min_(0), out=min_d)   # amin: no indices
     return torch.tensor(selected[:n], dtype=torch.long)
 
 

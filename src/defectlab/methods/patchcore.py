@@ -35,6 +35,8 @@ class PatchCoreConfig(StrictModel):
     coreset_ratio: float = 0.1
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
+    #: float32: the exact greedy picks; bfloat16: ~2x faster distance updates, approximate picks
+    coreset_precision: Literal["float32", "bfloat16"] = "float32"
     max_bank_ram_mb: float = 1024  # patch features beyond this go to a temp file while the coreset is chosen
     num_neighbors: int = 9
     sigma: float = 4.0
@@ -102,7 +104,8 @@ class PatchCore(AnomalyMethod):
         n_patches = x.shape[0]
         n = max(1, int(round(cfg.coreset_ratio * n_patches)))
         t0 = time.perf_counter()
-        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=cfg.coreset_batch) if n < n_patches \
+        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=cfg.coreset_batch,
+                             precision=cfg.coreset_precision) if n < n_patches \
             else torch.arange(n_patches)
         del x
         self.bank = store.gather(idx).to(self.device)
