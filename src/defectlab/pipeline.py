@@ -426,7 +426,9 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
     metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size)
     fit_stats = model.meta.get("fit", {})
-    metrics.update({"fit_seconds": fit_stats.get("fit_seconds"), "inference_seconds": seconds,
+    metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
+                    "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
+                    "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
     dest = dest or eval_dest(layout, method, dataset)
