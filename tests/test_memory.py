@@ -138,3 +138,58 @@ def test_large_bank_harness_exact_answers_across_chunks():
     assert r["recall_at_1"] == 1.0
     r = bench_large_bank(5000, 32, index="IVF16,Flat", n_queries=200, nprobe=1, chunk=777)
     assert r["recall_at_1"] < 1.0
+
+
+def test_pruned_coreset_makes_the_same_picks_and_recovers_from_a_bad_radius_estimate():
+    """prune=True drops points that can no longer be picked; the picks must not change — also when
+    the extrapolated final radius is too large (prune_margin > 1 forces dropped points to be revived)."""
+    import defectlab.memory as M
+
+    g = torch.Generator().manual_seed(7)
+    # low intrinsic dimension (4-D clusters in 32-D), as patch features have: distances to the
+    # coreset spread out, so many points fall well inside the final radius
+    centres = torch.randn(60, 4, generator=g) * 3
+    x = (centres[torch.randint(60, (6000,), generator=g)] + torch.randn(6000, 4, generator=g)) @ torch.randn(4, 32, generator=g)
+    revived = []
+    orig = M._ActiveSet.revive
+
+    def spy(self, *a, **k):
+        revived.append(len(self))
+        orig(self, *a, **k)
+
+    ref = greedy_coreset(x, 600, proj_dim=None, batch=16, prune=False)
+    M._ActiveSet.revive = spy
+    try:
+        for margin in (0.9, 1.6):
+            drops = []
+            orig_drop = M._ActiveSet.drop
+            M._ActiveSet.drop = lambda self, tau, ns, _d=drops: (_d.append(len(self)), orig_drop(self, tau, ns))
+            try:
+                fast = greedy_coreset(x, 600, proj_dim=None, batch=16, prune=True, prune_margin=margin)
+            finally:
+                M._ActiveSet.drop = orig_drop
+            assert drops, "pruning never dropped a point"
+            assert sorted(fast.tolist()) == sorted(ref.tolist())
+            assert coreset_coverage(x, fast) == pytest.approx(coreset_coverage(x, ref))
+        assert revived, "an over-estimated radius must trigger a revive"
+        # one-at-a-time greedy with pruning: the textbook picks, in order
+        one = greedy_coreset(x[:1500], 150, proj_dim=None, seed=5, prune=True, prune_margin=1.6)
+        assert one.tolist() == exact_kcenter_greedy(x[:1500], 150, int(one[0])).tolist()
+    finally:
+        M._ActiveSet.revive = orig
+
+
+def test_bench_patchcore_reports_ratios_and_auroc_against_exact(tmp_path):
+    """The bench runs end to end on tiny data; its figures are consistent (no timing asserts)."""
+    from defectlab.bench import bench_patchcore, demo_data, format_table
+
+    data = demo_data(tmp_path, 64, 8, n_test_good=4, n_test_per_defect=2)
+    r = bench_patchcore(data, image_size=64, repeat=2, auroc_seeds=2, batch_size=4)
+    assert r["n_train"] == 8 and r["repeat"] == 2 and r["auroc_seeds"] == 2
+    assert r["bank_size"] == round(0.1 * r["n_patches"])
+    lo, hi = r["fit_ratio_range"]
+    assert lo <= r["fit_ratio"] <= hi and r["fit_ratio"] > 0
+    assert 0 <= r["image_auroc"] <= 1 and 0 <= r["image_auroc_exact_coreset"] <= 1
+    assert r["auroc_points_vs_exact"] == pytest.approx(100 * (r["image_auroc"] - r["image_auroc_exact_coreset"]))
+    assert r["fit_seconds_exact_coreset"] > 0
+    assert "| fit_ratio_range |" in format_table(r)

@@ -64,7 +64,9 @@ def bench(
     layers: str = typer.Option("layer2,layer3"),
     coreset_ratio: float = typer.Option(0.1),
     device: str = typer.Option("auto"),
-    exact: bool = typer.Option(True, help="also time exact (one-at-a-time, unprojected) greedy coreset"),
+    exact: bool = typer.Option(True, help="also time the one-at-a-time, unprojected greedy coreset"),
+    repeat: int = typer.Option(3, help="time forward and fits this many times; ratios are medians"),
+    auroc_seeds: int = typer.Option(5, help="image AUROCs are means over this many coreset seeds"),
     bank: Optional[str] = typer.Option(None, help="also test an approximate faiss index on a random N,D bank, e.g. 1000000,1024"),
     index: str = typer.Option("IVF1024,SQfp16", help="faiss index-factory string for --bank"),
     out: Path = typer.Option(Path("reports/bench.json"), help="write the figures here (JSON; a .md table beside it)"),
@@ -85,7 +87,8 @@ def bench(
             data = scan_category(root, category)
         result = {"patchcore": B.bench_patchcore(data, image_size=image_size, backbone=backbone, weights=weights,
                                                  layers=layers.split(","), coreset_ratio=coreset_ratio,
-                                                 device=device, exact=exact)}
+                                                 device=device, exact=exact, repeat=repeat,
+                                                 auroc_seeds=auroc_seeds)}
         if bank:
             n, d = (int(v) for v in bank.split(","))
             result["large_bank"] = B.bench_large_bank(n, d, index=index)

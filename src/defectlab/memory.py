@@ -8,6 +8,7 @@ Everything is batched matrix work; loops run over chunks, never over individual 
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -26,11 +27,14 @@ def local_patch_features(maps: list[torch.Tensor], *, patch_size: int = 3, out_d
     h0, w0 = maps[0].shape[-2:]
     pooled = []
     for fmap in maps:
+        # channels-last: pooling and resizing vectorise over channels (~5x faster on CPU), and the
+        # (B, H, W, C) result below is then a free view instead of a transposing copy
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
         fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False) if patch_size > 1 else fmap
         if fmap.shape[-2:] != (h0, w0):
             fmap = F.interpolate(fmap, size=(h0, w0), mode="bilinear", align_corners=False)
-        pooled.append(fmap)
-    feats = torch.cat(pooled, dim=1).permute(0, 2, 3, 1)  # B, H, W, C
+        pooled.append(fmap.permute(0, 2, 3, 1))
+    feats = torch.cat(pooled, dim=-1)  # B, H, W, C
     if out_dim is not None and out_dim < feats.shape[-1]:
         b, h, w, c = feats.shape
         feats = F.adaptive_avg_pool1d(feats.reshape(-1, 1, c), out_dim).reshape(b, h, w, out_dim)
@@ -44,7 +48,8 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128, n_starts: int = 1,
-                   seed: int = 0, batch: int = 1, candidates: int = 4, precision: str = "float32") -> torch.Tensor:
+                   seed: int = 0, batch: int = 1, candidates: int = 4, precision: str = "float32",
+                   prune: bool = True, prune_margin: float = 0.9) -> torch.Tensor:
     """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D).
 
     As in PatchCore: features are first reduced by a Gaussian random projection to ``proj_dim``
@@ -59,6 +64,14 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
     compute-bound BLAS-3 work, an order of magnitude faster per point. A round stops early when a
     candidate's distance falls below the largest distance outside the candidate set, so every pick
     is exactly the one the one-at-a-time greedy would make (up to ties): same result, fewer passes.
+
+    ``prune=True`` skips the distance updates of points that can no longer be picked. The greedy
+    radius (the distance of each new pick to the coreset) only shrinks, and it shrinks like a power
+    of the coreset size, so its final value is extrapolated from its history; points already closer
+    to the coreset than ``prune_margin`` × that estimate are dropped from the update. Exactness does
+    not rest on the estimate: should the radius ever fall below the drop threshold, the dropped
+    points are brought up to date and put back before the next pick, so the picks are the same as
+    without pruning (up to ties). Roughly half the update work is saved on patch features.
 
     ``precision="bfloat16"`` runs that (N × d) @ (d × B) update in bfloat16 (about 2× faster on
     CPUs with AVX512-BF16/AMX and on GPUs; distances carry ~1 % relative error, so picks are
@@ -80,39 +93,125 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
         min_d = torch.minimum(min_d, (x_sq - 2 * x @ x[s] + x_sq[s]).clamp_min_(0))
     selected = [start[0]]
     min_d[start[0]] = 0
-    x_lp, x_sq_lp = (x.bfloat16(), x_sq.bfloat16()) if precision == "bfloat16" else (x, x_sq)
+    lp = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    # the active set: rows whose distance to the coreset is still updated (all of them at first)
+    act = _ActiveSet(x, x_sq, min_d, lp)
+    radius = _RadiusHistory()
     while len(selected) < n:
         b = min(batch, n - len(selected))
+        c = min(len(act), candidates * b + 1) if b > 1 else 1
+        top_d, top = torch.topk(act.min_d, c)
+        r2 = float(top_d[0])
+        if act.tau > 0 and r2 < act.tau:            # a dropped point might now be the farthest
+            act.revive(x, x_sq, selected)
+            prune_margin *= 0.9                      # be more careful from now on
+            continue
+        radius.add(len(selected), r2)
         if b == 1:
-            idx = int(torch.argmax(min_d))
-            picks = [idx]
+            picks_local = [int(top[0])]
         else:
-            c = min(num, candidates * b + 1)
-            top_d, top = torch.topk(min_d, c)
-            # a point outside the candidates is at most this far from the coreset (distances only shrink)
-            bound = float(top_d[-1]) if c < num else -1.0
-            cand_d, cand = (top_d[:-1], top[:-1]) if c < num else (top_d, top)
-            xc = x[cand]
-            dcc = (x_sq[cand][:, None] - 2 * xc @ xc.T + x_sq[cand][None]).clamp_min_(0)
-            cur = cand_d.clone()
-            picks_local = []
+            # a point outside the candidates is at most this far from the coreset (distances only
+            # shrink; dropped points are at most act.tau away)
+            bound = max(float(top_d[-1]) if c < len(act) else -1.0, act.tau)
+            cand_d, cand = (top_d[:-1], top[:-1]) if c < len(act) else (top_d, top)
+            xc = act.x[cand]
+            dcc = (act.x_sq[cand][:, None] - 2 * xc @ xc.T + act.x_sq[cand][None]).clamp_min_(0).cpu().numpy()
+            cur = cand_d.cpu().numpy().copy()
+            picks_pos = []
             for _ in range(b):
-                k = int(torch.argmax(cur))
+                k = int(np.argmax(cur))
                 # stop the round once a non-candidate could be farther: every pick is the one the
                 # one-at-a-time greedy would make (up to ties)
-                if cur[k] <= 0 or (picks_local and cur[k] < bound):
+                if cur[k] <= 0 or (picks_pos and cur[k] < bound):
                     break
-                picks_local.append(k)
-                torch.minimum(cur, dcc[k], out=cur)
-            if not picks_local:
+                picks_pos.append(k)
+                np.minimum(cur, dcc[k], out=cur)
+            if not picks_pos:
                 break
-            picks = cand[torch.tensor(picks_local, device=cand.device)].tolist()
-        selected += picks
-        picks_t = torch.tensor(picks, device=x.device)
-        # min_j |x - p_j|² = |x|² + min_j (|p_j|² - 2 x·p_j): one fused matrix product, one reduction
-        part = torch.addmm(x_sq_lp[picks_t][None], x_lp, x_lp[picks_t].T, alpha=-2)
-        torch.minimum(min_d, part.amin(1).float().add_(x_sq).clamp_min_(0), out=min_d)   # amin: no indices
+            picks_local = cand[torch.as_tensor(picks_pos, device=cand.device)].tolist()
+        selected += act.update(picks_local)
+        if prune and len(selected) < n:
+            tau = max(act.tau, prune_margin**2 * radius.extrapolate(n))
+            # (never drop the current farthest point: a threshold above it means the estimate is off)
+            if 0 < tau < float(act.min_d.max()) and int((act.min_d <= tau).sum()) > len(act) // 8:
+                act.drop(tau, len(selected))
     return torch.tensor(selected[:n], dtype=torch.long)
+
+
+class _RadiusHistory:
+    """The greedy radius² at each round, and its power-law extrapolation to the final coreset size."""
+
+    def __init__(self):
+        self.t: list[int] = []
+        self.r2: list[float] = []
+
+    def add(self, t: int, r2: float) -> None:
+        self.t.append(t)
+        self.r2.append(r2)
+
+    def extrapolate(self, n: int) -> float:
+        """r²(n) from r² ≈ a·t^s fitted on the last point and the one at half its coreset size;
+        0 (no estimate) before 64 picks or while the radius is not yet decreasing."""
+        t = self.t[-1]
+        if t < 64:
+            return 0.0
+        i = bisect.bisect_left(self.t, t // 2)
+        t0, r0, r1 = self.t[i], self.r2[i], self.r2[-1]
+        if not (0 < r1 < r0) or t0 >= t:
+            return 0.0
+        s = math.log(r1 / r0) / math.log(t / t0)
+        return r1 * (n / t) ** s
+
+
+class _ActiveSet:
+    """The rows greedy_coreset still updates: their vectors, squared norms, distances to the
+    coreset (``min_d``) and original indices; rows closer than ``tau`` are dropped and kept aside
+    with the coreset size at which they were dropped, so they can be brought up to date."""
+
+    def __init__(self, x, x_sq, min_d, lp):
+        self.lp = lp
+        self._set(x, x_sq, min_d, None)
+        self.tau = 0.0
+        self.dropped: list[tuple[torch.Tensor, torch.Tensor, int]] = []   # (ids, stale min_d, picks so far)
+
+    def _set(self, x, x_sq, min_d, ids):
+        self.x, self.x_sq, self.min_d, self.ids = x, x_sq, min_d, ids
+        self.x_lp, self.x_sq_lp = (x, x_sq) if self.lp == torch.float32 else (x.to(self.lp), x_sq.to(self.lp))
+
+    def __len__(self) -> int:
+        return len(self.min_d)
+
+    def update(self, picks_local: list[int]) -> list[int]:
+        """Lower every active distance by the picks; return the picks' original indices."""
+        p = torch.as_tensor(picks_local, device=self.x.device)
+        # min_j |x - p_j|² = |x|² + min_j (|p_j|² - 2 x·p_j): one fused matrix product, one reduction
+        part = torch.addmm(self.x_sq_lp[p][None], self.x_lp, self.x_lp[p].T, alpha=-2)
+        torch.minimum(self.min_d, part.amin(1).float().add_(self.x_sq).clamp_min_(0), out=self.min_d)
+        return picks_local if self.ids is None else self.ids[p].tolist()
+
+    def drop(self, tau: float, n_selected: int) -> None:
+        keep = self.min_d > tau
+        ids = torch.arange(len(self), device=self.x.device) if self.ids is None else self.ids
+        self.dropped.append((ids[~keep], self.min_d[~keep], n_selected))
+        self._set(self.x[keep], self.x_sq[keep], self.min_d[keep], ids[keep])
+        self.tau = tau
+
+    def revive(self, x, x_sq, selected: list[int], chunk: int = 256) -> None:
+        """Bring the dropped rows' distances up to date with the picks made since they were
+        dropped, and make every row active again."""
+        ids = [self.ids] + [d[0] for d in self.dropped]
+        min_d = [self.min_d]
+        for rows, stale, since in self.dropped:
+            xr, xr_sq = x[rows], x_sq[rows]
+            for s in range(since, len(selected), chunk):
+                p = torch.as_tensor(selected[s:s + chunk], device=x.device)
+                part = torch.addmm(x_sq[p][None], xr, x[p].T, alpha=-2).amin(1).add_(xr_sq).clamp_min_(0)
+                stale = torch.minimum(stale, part)
+            min_d.append(stale)
+        ids, min_d = torch.cat(ids), torch.cat(min_d)
+        order = torch.argsort(ids)                   # back to the original row order
+        self._set(x, x_sq, min_d[order], None)
+        self.tau, self.dropped = 0.0, []
 
 
 def random_projection(dim: int, proj_dim: int, seed: int = 0) -> torch.Tensor:
