@@ -35,7 +35,8 @@ class PatchCoreConfig(StrictModel):
     coreset_ratio: float = 0.1
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
-    #: float32: the exact greedy picks; bfloat16: ~2x faster distance updates, approximate picks
+    #: float32: the exact greedy picks; bfloat16: faster distance updates, approximate picks that cost
+    #: image AUROC (1-5 points in `defectlab bench`), so not recommended
     coreset_precision: Literal["float32", "bfloat16"] = "float32"
     max_bank_ram_mb: float = 1024  # patch features beyond this go to a temp file while the coreset is chosen
     num_neighbors: int = 9
