@@ -114,3 +114,74 @@ def repro_project(tmp_path_factory):
     git_dvc_init(proj, env)
     first = sh(["dvc", "repro"], proj, env)
     return proj, env, first
+
+
+class record_field_reads:
+    """Context manager recording which fields of a pydantic config class are read (attribute
+    access on any instance) while the block runs: ``with record_field_reads(DSRConfig) as reads:``.
+    ``model_dump`` (saving the whole config next to an output) is not a read."""
+
+    def __init__(self, config_cls):
+        self.cls, self.reads = config_cls, set()
+
+    def __enter__(self) -> set:
+        fields, reads = set(self.cls.model_fields), self.reads
+        base_get = object.__getattribute__
+
+        def getattribute(obj, name):
+            if name in fields:
+                reads.add(name)
+            return base_get(obj, name)
+
+        self._had = "__getattribute__" in self.cls.__dict__
+        self._old = self.cls.__dict__.get("__getattribute__")
+        type.__setattr__(self.cls, "__getattribute__", getattribute)
+        return reads
+
+    def __exit__(self, *exc) -> None:
+        if self._had:
+            type.__setattr__(self.cls, "__getattribute__", self._old)
+        else:
+            type.__delattr__(self.cls, "__getattribute__")
+
+
+def assert_phase_reads_declared(method_cls, phase: str, reads: set) -> None:
+    """Every config field the phase read is one of its declared inputs (``phase_fields``), or a
+    field declared result-neutral (checkpoint cadence, workers)."""
+    undeclared = reads - set(method_cls.phase_fields(phase)) - set(method_cls.RESULT_NEUTRAL)
+    assert not undeclared, (f"{method_cls.name}.{phase} read {sorted(undeclared)}, which its stage does not "
+                            f"depend on: remove them from {phase.upper()}_IGNORES")
+    assert reads, f"recorded no reads for {method_cls.name}.{phase}: the recorder is not working"
+
+
+class check_phase_reads:
+    """While the block runs, record the config fields ``method_cls.<phase>`` reads (pretrain or
+    train, however it is called) and on exit assert they are declared (assert_phase_reads_declared)."""
+
+    def __init__(self, method_cls, phase: str):
+        self.cls, self.phase, self.reads = method_cls, phase, set()
+
+    def __enter__(self) -> set:
+        import inspect
+
+        cls, phase, reads = self.cls, self.phase, self.reads
+        self._own = phase in cls.__dict__                     # else inherited: delete the patch on exit
+        self._orig = inspect.getattr_static(cls, phase)
+        func = self._orig.__func__ if isinstance(self._orig, classmethod) else self._orig
+
+        def wrapped(*args, **kwargs):
+            with record_field_reads(cls.Config) as r:
+                out = func(*args, **kwargs)
+            reads.update(r)
+            return out
+
+        setattr(cls, phase, classmethod(wrapped) if isinstance(self._orig, classmethod) else wrapped)
+        return reads
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._own:
+            setattr(self.cls, self.phase, self._orig)
+        else:
+            delattr(self.cls, self.phase)
+        if exc_type is None:
+            assert_phase_reads_declared(self.cls, self.phase, self.reads)

@@ -25,6 +25,8 @@ from defectlab.methods.base import FitContext, make_loader
 from defectlab.metrics import compute_all
 from defectlab.pipeline import eval_samples, score_category, train_and_fit
 
+from conftest import check_phase_reads
+
 SIZE = 64
 N = 6
 FAST = dict(embed_dim=128, coreset_ratio=0.25, epochs=3, lr=1e-3, finetune_batch_size=8, n_labelled=N)
@@ -48,7 +50,8 @@ def trained_dir(grain, tmp_path_factory):
     """The `train` stage's output, as pipeline.train / train_and_fit write it."""
     torch.manual_seed(0)
     trainer = APC(APCConfig(**FAST), "cpu")
-    stats = trainer.train(ctx_for(grain))
+    with check_phase_reads(APC, "train"):              # its stage depends on every field it reads
+        stats = trainer.train(ctx_for(grain))
     trainer.meta["train"] = dict(stats)
     out = tmp_path_factory.mktemp("apc_train") / "grain"
     trainer.save_trained(out)

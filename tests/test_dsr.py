@@ -28,6 +28,8 @@ from defectlab.methods.dsr import (
 from defectlab.metrics import compute_all
 from defectlab.pipeline import train_and_fit
 
+from conftest import check_phase_reads
+
 CPU = torch.device("cpu")
 
 # a tiny network for the mechanics tests (64 px images, the smallest DSR accepts)
@@ -50,9 +52,10 @@ def demo64(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1_dir(demo64, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dsr_pre")
-    stats = DSR.pretrain(DSRConfig(**TINY), PretrainContext(dataset="demo", data_root=demo64, categories=["grain"],
-                                                           out_dir=out, image_size=64, seed=0, device=CPU,
-                                                           progress=False))
+    with check_phase_reads(DSR, "pretrain"):          # its stage depends on every field it reads
+        stats = DSR.pretrain(DSRConfig(**TINY), PretrainContext(dataset="demo", data_root=demo64, categories=["grain"],
+                                                               out_dir=out, image_size=64, seed=0, device=CPU,
+                                                               progress=False))
     assert stats["stage1_loss"] < stats["stage1_loss_start"]          # stage 1 learns to reconstruct
     return out
 
@@ -230,7 +233,8 @@ def test_three_stages_chain_from_saved_outputs(demo64, stage1_dir, tmp_path, mon
     work, train_dir = tmp_path / "work", tmp_path / "train"
     # stage 2 in one instance, saved as the `train` stage saves it
     trainer = DSR(cfg, CPU)
-    stats = trainer.train(fit_ctx(demo64, stage1_dir, work_dir=work))
+    with check_phase_reads(DSR, "train"):
+        stats = trainer.train(fit_ctx(demo64, stage1_dir, work_dir=work))
     for key in ("focal", "feat", "img"):
         assert np.isfinite(stats[f"stage2_{key}"])
     assert not any(k.startswith("stage3") for k in stats)                  # train is stage 2 only

@@ -24,6 +24,8 @@ from defectlab.methods.msp_svdd import (MSPSVDDConfig, MultiScalePatchSVDD, Patc
 from defectlab.metrics import compute_all
 from defectlab.pipeline import train_and_fit
 
+from conftest import check_phase_reads
+
 CPU = torch.device("cpu")
 # a CPU-sized configuration (thin random VGG16, few short epochs)
 FAST = dict(scales=[32, 16], strides={32: 8, 16: 8}, jitters={32: 2, 16: 1}, width=0.0625, embed_dim=32,
@@ -220,12 +222,14 @@ def test_detects_planted_defects_and_round_trips(tiny_demo, tmp_path, category="
     ctx_pre = PretrainContext(dataset="demo", data_root=tiny_demo, categories=[category], out_dir=tmp_path / "pre",
                               image_size=64, seed=0, device=CPU)
     ctx_pre.out_dir.mkdir()
-    MultiScalePatchSVDD.pretrain(cfg, ctx_pre)
+    with check_phase_reads(MultiScalePatchSVDD, "pretrain"):    # its stage depends on every field it reads
+        MultiScalePatchSVDD.pretrain(cfg, ctx_pre)
     assert (ctx_pre.out_dir / "vgg_init.safetensors").exists()
-    model, stats = train_and_fit(get_method("msp_svdd"), cfg,
-                                 FitContext(dataset="demo", category=category, data=data, image_size=64, seed=0,
-                                            device=CPU, pretrain_dir=ctx_pre.out_dir, progress=False),
-                                 tmp_path / "train")
+    with check_phase_reads(MultiScalePatchSVDD, "train"):
+        model, stats = train_and_fit(get_method("msp_svdd"), cfg,
+                                     FitContext(dataset="demo", category=category, data=data, image_size=64, seed=0,
+                                                device=CPU, pretrain_dir=ctx_pre.out_dir, progress=False),
+                                     tmp_path / "train")
     assert stats["bank_size_16"] == len(data.train) * 7 * 7 and "frozen in" in model.meta["init_source"]
     model.save(tmp_path / "model")
     loaded = MultiScalePatchSVDD.load(tmp_path / "model")

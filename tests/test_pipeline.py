@@ -29,7 +29,7 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
     assert "| patchcore | demo | weave |" in (proj / "reports/results.md").read_text()
     assert (proj / "reports/results.png").exists()
     n_stages = first.count("Running stage")
-    assert n_stages == 1 + 1 + 1 + 2 + 2 + 2 + 1     # prepare, synthesize, backbone, pretrain, fit, evaluate, report
+    assert n_stages == 1 + 1 + 1 + 1 + 2 + 2 + 2 + 1  # prepare, synthesize, backbone, config, pretrain, fit, evaluate, report
     assert (proj / "models/backbone/demo/ds2/backbone.safetensors").exists()
     for curve in ("roc_image", "pr_image", "roc_pixel", "pr_pixel", "pro"):
         assert json.loads((proj / f"plots/{curve}/patchcore/demo/weave.json").read_text())
@@ -77,8 +77,20 @@ def test_param_changes_dirty_only_what_they_feed(project):
         params["methods"]["padim"]["smoke"]["n_features"] = 50
         (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         dirty = _dirty_stages(proj, env)
-        assert dirty and all("padim" in s for s in dirty), dirty
+        assert "config" in dirty and "fit@padim-demo" in dirty
+        assert all("padim" in s for s in dirty - {"config"}), dirty
         assert not any("patchcore" in s for s in dirty)
+        # a fit-only setting: once `config` has rewritten the phase files (identical for pretrain),
+        # pretraining is still up to date; only fit (and what follows) reruns
+        sh(["dvc", "repro", "--single-item", "config"], proj, env)
+        dirty = _dirty_stages(proj, env)
+        assert "fit@padim-demo" in dirty and not any(s.startswith("pretrain@") for s in dirty), dirty
+        # a setting pretraining reads (the backbone weights) dirties it
+        params["methods"]["padim"]["smoke"]["weights"] = "ds2"
+        (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        sh(["dvc", "repro", "--single-item", "config"], proj, env)
+        assert "pretrain@padim-demo" in _dirty_stages(proj, env)
+        assert not any("patchcore" in s for s in _dirty_stages(proj, env))
 
         params = yaml.safe_load(original)
         params["datasets"]["demo"]["generator"]["n_train"] = 10
@@ -86,6 +98,7 @@ def test_param_changes_dirty_only_what_they_feed(project):
         assert "prepare@demo" in _dirty_stages(proj, env)
     finally:
         (proj / "params.yaml").write_text(original)
+        sh(["dvc", "repro", "--single-item", "config"], proj, env)     # back to the original phase files
     assert _dirty_stages(proj, env) == set()
 
 

@@ -20,6 +20,8 @@ from defectlab.methods.slsg import (
     top_k_score,
 )
 
+from conftest import check_phase_reads
+
 SIZE = 64
 # small decoder / discriminator so the trainings fit the test budget on one CPU thread
 TINY = dict(decoder_channels=[64, 32, 32, 16], head_channels=16, disc_width=16, sg_skip_channels=16, synth_n=48)
@@ -203,11 +205,13 @@ def trained(demo, tmp_path_factory):
 
     cfg = SLSGConfig(**TRAIN_CFG)
     pre = tmp_path_factory.mktemp("slsg_pre")
-    pre_stats = SLSG.pretrain(cfg, PretrainContext("demo", demo, ["grain", "board"], pre, SIZE, 0,
-                                                   torch.device("cpu"), progress=False))
+    with check_phase_reads(SLSG, "pretrain"):         # its stage depends on every field it reads
+        pre_stats = SLSG.pretrain(cfg, PretrainContext("demo", demo, ["grain", "board"], pre, SIZE, 0,
+                                                       torch.device("cpu"), progress=False))
     data = scan_category(demo, "grain")
     train_dir = tmp_path_factory.mktemp("slsg_train") / "grain"
-    model, stats = train_and_fit(SLSG, cfg, _ctx(data, pre), train_dir)
+    with check_phase_reads(SLSG, "train"):
+        model, stats = train_and_fit(SLSG, cfg, _ctx(data, pre), train_dir)
     return model, data, pre, pre_stats, stats, train_dir
 
 

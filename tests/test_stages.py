@@ -5,6 +5,7 @@ skips that category's training), run.train_methods matches the methods' code."""
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -92,3 +93,71 @@ def test_synthesis_is_identical_for_an_unchanged_category(tmp_path, monkeypatch)
         {k: v for k, v in second.items() if k.startswith("weave/")}
     assert {k: v for k, v in first.items() if k.startswith("tray/")} != \
         {k: v for k, v in second.items() if k.startswith("tray/")}
+
+
+# ---- phase configs: a stage depends only on the config fields its phase reads ---------------
+def _cfg(name, **over):
+    from defectlab.methods import get_method
+
+    cls = get_method(name)
+    return cls, cls.Config(**over)
+
+
+@pytest.mark.parametrize("method, fit_only, trained", [
+    ("dsr", {"stage3_iters": 7, "score_filter": 5, "upsampling_width": 8}, {"stage2_iters": 7}),
+    ("slsg", {"top_k": 5, "batch_size": 3}, {"seg_iters": 7}),
+    ("msp_svdd", {"score_window": 4, "knn_backend": "faiss"}, {"epochs": 3}),
+    ("apc", {"coreset_ratio": 0.5, "num_neighbors": 3}, {"epochs": 3}),
+])
+def test_fit_only_settings_leave_the_train_phase_config_unchanged(method, fit_only, trained):
+    cls, base = _cfg(method)
+    _, fit_changed = _cfg(method, **fit_only)
+    _, train_changed = _cfg(method, **trained)
+    assert cls.phase_config(fit_changed, "train") == cls.phase_config(base, "train")
+    assert cls.phase_config(train_changed, "train") != cls.phase_config(base, "train")
+    # and a network trained before the fit-only change is still accepted by fit
+    assert cls(fit_changed).same_training_config(base) and not cls(train_changed).same_training_config(base)
+
+
+def test_pretrain_phase_configs():
+    dsr, base = _cfg("dsr")
+    assert dsr.phase_config(_cfg("dsr", stage2_iters=7)[1], "pretrain") == dsr.phase_config(base, "pretrain")
+    assert dsr.phase_config(_cfg("dsr", stage1_iters=7)[1], "pretrain") != dsr.phase_config(base, "pretrain")
+    for name in ("patchcore", "padim", "ds2", "apc"):      # pretrain = freeze the configured backbone
+        cls, cfg = _cfg(name)
+        assert set(cls.phase_fields("pretrain")) <= {"backbone", "weights"} and cls.phase_fields("pretrain")
+        assert cls.phase_fields("train") == [] or cls.trains_per_category
+    assert _cfg("msp_svdd")[0].phase_fields("pretrain") == ["weights", "width"]
+
+
+def test_default_pretrain_reads_only_backbone_and_weights(tmp_path):
+    from conftest import check_phase_reads
+    from defectlab.methods.base import PretrainContext
+    from defectlab.methods.patchcore import PatchCore
+
+    ctx = PretrainContext(dataset="demo", data_root=tmp_path, categories=["grain"], out_dir=tmp_path, image_size=64,
+                          seed=0, device=torch.device("cpu"), progress=False)
+    with check_phase_reads(PatchCore, "pretrain") as reads:
+        PatchCore.pretrain(PatchCore.Config(backbone="resnet18", weights="random"), ctx)
+    assert reads == {"backbone", "weights"} and (tmp_path / "backbone.safetensors").exists()
+    assert "pretrain" not in PatchCore.__dict__            # the recorder's patch is gone again
+
+
+def test_config_stage_rewrites_identical_files_for_a_fit_only_change(tmp_path):
+    from defectlab import pipeline
+    from defectlab.config import Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    layout = pipeline.Layout(tmp_path)
+    pipeline.write_phase_configs(Params(raw), layout)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(layout.configs().rglob("*.json"))}
+    assert len(before) == 2 * len(raw["run"]["methods"])
+    raw["methods"]["dsr"]["smoke"]["stage3_iters"] = 7               # fit-only
+    raw["methods"]["patchcore"]["smoke"]["coreset_ratio"] = 0.2      # fit-only
+    pipeline.write_phase_configs(Params(raw), layout)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in sorted(layout.configs().rglob("*.json"))} == before
+    raw["methods"]["dsr"]["smoke"]["stage2_iters"] = 7                # read by training
+    pipeline.write_phase_configs(Params(raw), layout)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(layout.configs().rglob("*.json"))}
+    changed = {str(p) for p in before if before[p] != after[p]}
+    assert changed == {"configs/dsr/train.json"}

@@ -46,6 +46,12 @@ class Layout:
     def backbone(self, ds: str, name: str = "ds2") -> Path:
         return self.root / "models" / "backbone" / ds / name
 
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    def phase_config(self, method: str, phase: str) -> Path:
+        return self.configs() / method / f"{phase}.json"
+
     def checkpoints(self, method: str, ds: str) -> Path:
         return self.root / "checkpoints" / method / ds
 
@@ -271,6 +277,24 @@ def fit_context(params: Params, method: str, dataset: str, category: str, layout
                       progress=progress, work_dir=layout.root / "work" / method / dataset / category,
                       extra={"object_kind": "texture" if category in spec.texture_categories else "object"},
                       train_dir=trained if trained.exists() else None)
+
+
+def write_phase_configs(params: Params, layout: Layout = Layout()) -> dict:
+    """The `config` stage: for every method of ``run.methods``, the resolved config fields its
+    ``pretrain`` and ``train`` phases read, as ``configs/<method>/{pretrain,train}.json``.
+
+    The pretrain and train stages depend on these files instead of on all of ``methods.<m>``:
+    the stage reruns whenever params.yaml changes, but rewrites identical bytes unless a field the
+    phase reads changed, so DVC does not rerun a network's training for a fit-only setting."""
+    out = {}
+    with atomic_dir(layout.configs()) as tmp:
+        for method in params.run.methods:
+            cls, cfg = load_method_config(params, method)
+            for phase in ("pretrain", "train"):
+                fields = cls.phase_config(cfg, phase)
+                write_json(tmp / method / f"{phase}.json", {"method": method, "phase": phase, "config": fields})
+                out[f"{method}_{phase}_fields"] = len(fields)
+    return out
 
 
 def train(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),

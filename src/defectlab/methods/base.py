@@ -13,6 +13,13 @@ pydantic ``Config``. The pipeline calls, in order:
    network); for a training method it starts with ``self.load_trained(ctx.train_dir)``,
 4. ``predict(images)`` on batches of test images -> image scores and pixel maps.
 
+Each phase's DVC stage depends only on the config fields that phase reads (``phase_config``; the
+`config` stage writes them to ``configs/<method>/<phase>.json``), so changing a fit-only setting
+(a coreset ratio, DSR's stage-3 iterations) does not retrain the network. A method declares the
+fields its ``pretrain`` / ``train`` never read in ``PRETRAIN_IGNORES`` / ``TRAIN_IGNORES``
+(conservative: a field left out only costs a rerun; the tests record which fields each phase
+reads and check none of them is declared ignored).
+
 Fitted and trained state is stored as ``*.safetensors`` (tensors) + ``*.json`` (config and
 metadata): no pickles, so a model file from elsewhere cannot execute code when loaded.
 """
@@ -77,6 +84,36 @@ class AnomalyMethod(ABC):
         self.config = config
         self.device = torch.device(device)
         self.meta: dict[str, Any] = {}
+
+    #: config fields ``pretrain`` never reads (its stage does not rerun when they change); a method
+    #: whose ``pretrain`` is the default (freeze the backbone) reads only ``backbone`` / ``weights``
+    PRETRAIN_IGNORES: ClassVar[frozenset[str]] = frozenset()
+    #: the fields ``pretrain`` reads, when that is shorter to say than what it ignores
+    PRETRAIN_READS: ClassVar[frozenset[str] | None] = None
+    #: config fields ``train`` never reads (scoring, bank and other fit-only settings)
+    TRAIN_IGNORES: ClassVar[frozenset[str]] = frozenset()
+    #: fields that change how a phase runs, not what it produces (checkpoint cadence, workers):
+    #: they may be read by a phase that ignores them
+    RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def phase_fields(cls, phase: str) -> list[str]:
+        """The config fields the ``pretrain`` or ``train`` phase reads (its stage's inputs)."""
+        fields = [f for f in cls.Config.model_fields if f not in cls.RESULT_NEUTRAL]
+        if phase == "pretrain":
+            if cls.shared_backbone or cls.pretrain.__func__ is AnomalyMethod.pretrain.__func__:
+                return [f for f in fields if f in ("backbone", "weights")]      # freeze_backbone
+            if cls.PRETRAIN_READS is not None:
+                return [f for f in fields if f in cls.PRETRAIN_READS]
+            return [f for f in fields if f not in cls.PRETRAIN_IGNORES]
+        if phase == "train":
+            return [f for f in fields if f not in cls.TRAIN_IGNORES] if cls.trains_per_category else []
+        raise ValueError(f"phase must be pretrain or train, got {phase!r}")
+
+    @classmethod
+    def phase_config(cls, config: StrictModel, phase: str) -> dict:
+        """The part of ``config`` the phase reads, as JSON-able data (``configs/<method>/<phase>.json``)."""
+        return config.model_dump(mode="json", include=set(cls.phase_fields(phase)))
 
     # ---- pipeline hooks -------------------------------------------------------------------
     #: True for a method whose ``pretrain`` is the project's shared backbone training (DS2): the
@@ -151,9 +188,9 @@ class AnomalyMethod(ABC):
                                    load_file(str(Path(train_dir) / "trained.safetensors")).items()})
 
     def same_training_config(self, trained: StrictModel) -> bool:
-        """Whether a network trained with config ``trained`` is valid for ``self.config``. Default:
-        identical configs (a method may relax it to the fields its training reads)."""
-        return trained.model_dump(mode="json") == self.config.model_dump(mode="json")
+        """Whether a network trained with config ``trained`` is valid for ``self.config``: the
+        fields ``train`` reads are equal (``TRAIN_IGNORES`` may differ)."""
+        return self.phase_config(trained, "train") == self.phase_config(self.config, "train")
 
     @abstractmethod
     def fit(self, ctx: FitContext) -> dict:

@@ -396,7 +396,9 @@ class ObjectDecoder(nn.Module):
 class DSRNet(nn.Module):
     """All DSR modules; ``vq`` is stage 1, ``object_modules`` stage 2, ``upsampler`` stage 3."""
 
-    def __init__(self, cfg: DSRConfig):
+    def __init__(self, cfg: DSRConfig, upsampler: bool = True):
+        """``upsampler=False`` (stage 2) leaves the stage-3 module out: stage 2 then reads none of
+        the stage-3 settings, so its `train` stage need not rerun when they change."""
         super().__init__()
         d = cfg.embedding_dim
         self.vq = build_vq(cfg)
@@ -405,6 +407,9 @@ class DSRNet(nn.Module):
         self.object_decoder = ObjectDecoder(2 * d, cfg.decoder_width, cfg.hidden, cfg.residual_hidden,
                                             cfg.residual_layers)
         self.detector = EncoderDecoder(6, 2, cfg.detection_width, depth=4, skips=True, out_level=2)
+        self.upsampler, self.upsampling_residual = None, False
+        if not upsampler:
+            return
         self.upsampler = EncoderDecoder(4, 2, cfg.upsampling_width, depth=3, skips=True)
         self.upsampling_residual = cfg.upsampling_residual
         if cfg.upsampling_residual:
@@ -578,6 +583,11 @@ class DSR(AnomalyMethod):
     Config = DSRConfig
     trains_in_pretrain = True          # stage 1
     trains_per_category = True         # stage 2
+    #: stage 1 reads its own settings (which include the codebook architecture) only
+    PRETRAIN_READS = frozenset(STAGE1_KEYS)
+    #: stage 2 does not read the stage-3 and scoring settings: a change there keeps it valid
+    TRAIN_IGNORES = frozenset(STAGE3_KEYS) | frozenset(NOT_TRAINING_KEYS)
+    RESULT_NEUTRAL = frozenset({"checkpoint_every", "num_workers"})
 
     def __init__(self, config: DSRConfig, device: torch.device | str = "cpu"):
         super().__init__(config, device)
@@ -645,12 +655,6 @@ class DSR(AnomalyMethod):
         self.net.vq.eval().requires_grad_(False)
         self.net.object_modules().eval().requires_grad_(False)
 
-    def same_training_config(self, trained: DSRConfig) -> bool:
-        """Stage 2 does not read the stage-3 and scoring settings: a change there keeps it valid."""
-        ignore = set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS)
-        return (trained.model_dump(mode="json", exclude=ignore) ==
-                self.config.model_dump(mode="json", exclude=ignore))
-
     # -- stage 3 (the `fit` stage) ------------------------------------------------------------
     def fit(self, ctx: FitContext) -> dict:
         """Stage 3 on top of the `train` stage's output (``ctx.train_dir``); stage 2 is not rerun."""
@@ -688,7 +692,7 @@ class DSR(AnomalyMethod):
             raise ConfigError(f"{ctx.pretrain_dir}: stage-1 model has architecture {info['architecture']}, "
                               f"methods.dsr asks for {wanted}; rerun the pretrain stage")
         torch.manual_seed(ctx.seed)
-        self.net = DSRNet(self.config).to(self.device)
+        self.net = DSRNet(self.config, upsampler=False).to(self.device)
         self.net.vq.load_state_dict({k: v.to(self.device) for k, v in
                                      load_file(str(Path(ctx.pretrain_dir) / "vq.safetensors")).items()})
         self.net.vq.eval().requires_grad_(False)

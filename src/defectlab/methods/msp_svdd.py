@@ -357,6 +357,11 @@ class MultiScalePatchSVDD(AnomalyMethod):
     Config = MSPSVDDConfig
     trains_in_pretrain = False
     trains_per_category = True
+    #: pretrain only freezes the VGG16-style initialisation
+    PRETRAIN_READS = frozenset({"weights", "width"})
+    #: the encoders' training does not read the bank grid or the scoring settings
+    TRAIN_IGNORES = frozenset({"strides", "score_window", "score_stride", "knn_backend"})
+    RESULT_NEUTRAL = frozenset({"checkpoint_every"})
 
     def __init__(self, config: MSPSVDDConfig, device="cpu"):
         super().__init__(config, device)

@@ -592,12 +592,14 @@ class SLSG(AnomalyMethod):
 
     #: config fields only ``predict`` reads: changing them needs no retraining
     PREDICT_ONLY_FIELDS = frozenset({"top_k", "batch_size"})
-
-    def same_training_config(self, trained: StrictModel) -> bool:
-        drop = self.PREDICT_ONLY_FIELDS
-        mine = {k: v for k, v in self.config.model_dump(mode="json").items() if k not in drop}
-        theirs = {k: v for k, v in trained.model_dump(mode="json").items() if k not in drop}
-        return mine == theirs
+    TRAIN_IGNORES = PREDICT_ONLY_FIELDS
+    #: GPT-Net pretraining does not read the SG block, SegNet training, synthesis or scoring settings
+    PRETRAIN_IGNORES = frozenset({"sg_block", "knn", "attn_reduction", "pos_dim", "pos_temperature",
+                                  "sg_skip_channels", "seg_iters", "n_normal", "n_anomalous", "optimizer", "seg_lr",
+                                  "momentum", "weight_decay", "grad_clip", "freeze_encoder", "recalibrate_bn",
+                                  "focal_gamma", "alpha_focal", "alpha_l1", "alpha_aux_s", "synth_n",
+                                  "synth_structural"}) | PREDICT_ONLY_FIELDS
+    RESULT_NEUTRAL = frozenset({"checkpoint_every"})
 
     def fit(self, ctx: FitContext) -> dict:
         """The `fit` stage: load the SegNet the `train` stage wrote (``ctx.train_dir``); SLSG has no

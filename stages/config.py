@@ -1,0 +1,15 @@
+"""DVC stage: the resolved config fields each method's pretrain and train phases read
+(``configs/<method>/{pretrain,train}.json``); those stages depend on these files, not on all of
+``methods.<m>``, so a fit-only setting does not retrain a network."""
+
+from defectlab import pipeline
+from defectlab.stagekit import run_stage
+
+
+def body(params, run):
+    stats = pipeline.write_phase_configs(params)
+    run.log_artifacts(pipeline.Layout().configs(), "configs")
+    return stats
+
+
+run_stage("config", body, dataset="all")
