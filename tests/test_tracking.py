@@ -58,3 +58,22 @@ def test_tracking_off_is_a_noop(monkeypatch):
 
 def test_flatten():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+def _open_store(directory: str) -> str:
+    from defectlab import tracking
+
+    tracking.setup({"uri": f"sqlite:///{directory}/mlflow.db"})
+    import mlflow
+
+    mlflow.MlflowClient().search_experiments()
+    return "ok"
+
+
+def test_concurrent_stages_can_create_a_new_sqlite_store(tmp_path):
+    """Parallel pipeline roots (e.g. `config` and `prepare`) open a new store at the same moment:
+    MLflow's schema migration must run once, not crash one of them (it did without the lock)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_open_store, [str(tmp_path)] * 4) == ["ok"] * 4

@@ -104,7 +104,25 @@ def setup(config: dict | None = None) -> str | None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.get("timeout_s", 5)) * 2))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _init_sqlite_store(uri)
     return uri
+
+
+def _init_sqlite_store(uri: str) -> None:
+    """Create / migrate a local sqlite store under a file lock. MLflow runs its schema migrations
+    the first time a process opens the file; two stages starting at once on a new store (parallel
+    roots of the pipeline graph, a Dask cluster) would otherwise both migrate and one crashes with
+    "table _alembic_tmp_... already exists"."""
+    import mlflow
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)            # tracking tables
+        client.search_registered_models(max_results=1)      # model-registry tables (same file)
 
 
 def _experiment(name: str) -> str:
