@@ -161,3 +161,14 @@ def test_config_stage_rewrites_identical_files_for_a_fit_only_change(tmp_path):
     after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(layout.configs().rglob("*.json"))}
     changed = {str(p) for p in before if before[p] != after[p]}
     assert changed == {"configs/dsr/train.json"}
+
+
+def test_dvc_lock_holds_only_current_stages():
+    """Stale entries (stages renamed or regrouped since) are parsed by every `dvc repro`;
+    scripts/prune_dvc_lock.py removes them."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stages = {s.addressing for s in repo.index.stages}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked <= stages, sorted(locked - stages)
