@@ -53,3 +53,27 @@ def test_patchcore_reweighting_follows_eq7():
     d = torch.tensor([1.0, 5.0**0.5, 10.0**0.5])        # to m*, (0,2), (0,-3): the 3 NN of m*
     expected = 1 - torch.exp(d[0]) / torch.exp(d).sum()
     assert w.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_padim_streaming_float32_statistics_match_a_float64_reference(tiny_demo):
+    """PaDiM keeps its per-position second moments in float32 (float64 would double a model that is
+    already P x d x d); on shifted data they must still give the float64 mean and inverse covariance."""
+    cls = get_method("padim")
+    model = cls(cls.Config(n_features=24, batch_size=3), "cpu")     # several batches: streaming
+    data = scan_category(tiny_demo, "grain")
+    model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                         device=torch.device("cpu"), progress=False))
+    with torch.no_grad():
+        e = torch.cat([model._embed(b["image"]) for b in make_loader(data.train, 64, 4)]).double()
+    n, d, h, w = e.shape
+    e = e.permute(2, 3, 0, 1).reshape(h * w, n, d) + 1e3            # a large offset: cancellation-prone
+    ref_mean = e.mean(1)
+    c = e - ref_mean[:, None]
+    ref_inv = torch.linalg.inv(c.transpose(1, 2) @ c / (n - 1) + 0.01 * torch.eye(d, dtype=torch.float64))
+    model_off = cls(cls.Config(n_features=24, batch_size=3), "cpu")
+    model_off._embed = lambda images, _m=model: _m._embed(images) + 1e3  # same features, offset
+    model_off.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                             device=torch.device("cpu"), progress=False))
+    torch.testing.assert_close(model_off.mean.double(), ref_mean, rtol=1e-6, atol=1e-3)
+    err = torch.linalg.matrix_norm(model_off.inv_cov.double() - ref_inv) / torch.linalg.matrix_norm(ref_inv)
+    assert float(err.max()) < 1e-4, float(err.max())          # per position, relative Frobenius error

@@ -193,3 +193,20 @@ def test_bench_patchcore_reports_ratios_and_auroc_against_exact(tmp_path):
     assert r["auroc_points_vs_exact"] == pytest.approx(100 * (r["image_auroc"] - r["image_auroc_exact_coreset"]))
     assert r["fit_seconds_exact_coreset"] > 0
     assert "| fit_ratio_range |" in format_table(r)
+
+
+def test_bench_fit_times_a_method_against_its_backbone_forward(tmp_path):
+    """`defectlab bench --method padim`: the method's own fit, its backbone's forward, the ratio."""
+    import yaml
+
+    from conftest import ROOT
+    from defectlab.bench import bench_fit, demo_data
+    from defectlab.config import Params
+
+    data = demo_data(tmp_path, 64, 6, n_test_good=2, n_test_per_defect=1)
+    params = Params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    r = bench_fit("padim", data, params, image_size=64, repeat=1, overrides={"weights": "random"})
+    assert r["method"] == "padim" and r["n_train"] == 6 and r["forward_seconds"] > 0
+    assert r["fit_ratio"] == pytest.approx(r["fit_seconds"] / r["forward_seconds"])
+    lo, hi = r["fit_ratio_range"]
+    assert lo <= r["fit_ratio"] <= hi

@@ -132,6 +132,67 @@ def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weight
     return out
 
 
+def bench_fit(method: str, data, params, *, image_size: int, device: str = "cpu", repeat: int = 3, seed: int = 0,
+              overrides: dict | None = None) -> dict:
+    """Any method's ``fit`` (per category, as the `fit` stage runs it) timed against the forward
+    pass of the backbone it fits with, over the same training images: ``fit_ratio``.
+
+    The method's config comes from ``params`` (its profile) with ``overrides`` on top (the bench
+    uses random backbone weights: timing does not depend on them, and ImageNet / DS2 weights may
+    not be on the machine). A method that trains per category (APC) is trained once first; its
+    ``train_seconds`` is reported but not part of the ratio. ``fit`` runs ``repeat`` + 1 times (the
+    first one warms up); medians are reported. Methods whose fit does not run a backbone
+    extractor (MSP-SVDD's own encoders, DSR, SLSG) have no such floor and are refused."""
+    import tempfile
+
+    from defectlab.backbones import resolve_device
+    from defectlab.errors import ConfigError
+    from defectlab.methods.base import FitContext, PretrainContext
+    from defectlab.pipeline import load_method_config
+
+    cls, cfg = load_method_config(params, method)
+    cfg = cls.Config.model_validate({**cfg.model_dump(), **(overrides or {})})
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="defectlab-bench-fit-") as tmp:
+        pre = Path(tmp) / "pretrain"
+        pre.mkdir()
+        pctx = PretrainContext(dataset="bench", data_root=Path(tmp), categories=[data.category], out_dir=pre,
+                               image_size=image_size, seed=seed, device=dev, progress=False)
+        (cls.freeze_backbone if cls.shared_backbone else cls.pretrain)(cfg, pctx)
+        ctx = FitContext(dataset="bench", category=data.category, data=data, image_size=image_size, seed=seed,
+                         device=dev, pretrain_dir=pre, progress=False)
+        out: dict = {"method": method, "profile": params.profile, "device": str(dev), "image_size": image_size,
+                     "n_train": len(data.train), "backbone": getattr(cfg, "backbone", None)}
+        if cls.trains_per_category:
+            t0 = time.perf_counter()
+            trainer = cls(cfg, dev)
+            trainer.train(ctx)
+            trainer.save_trained(Path(tmp) / "train")
+            out["train_seconds"] = time.perf_counter() - t0
+            ctx.train_dir = Path(tmp) / "train"
+        fits = []
+        for _ in range(max(1, repeat) + 1):
+            model = cls(cfg, dev)
+            t0 = time.perf_counter()
+            model.fit(ctx)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            fits.append(time.perf_counter() - t0)
+        extractor = getattr(model, "extractor", None)
+        if extractor is None:
+            raise ConfigError(f"bench --method {method}: its fit runs no backbone feature extractor, so there is "
+                              f"no forward-pass floor to compare with (methods with one: patchcore, padim, ds2, apc)")
+        images = _stack(data.train, image_size)
+        batch = getattr(cfg, "batch_size", None) or getattr(cfg, "fit_batch_size", None) or 16
+        _timed_forward(extractor, images[:batch], batch, dev)                              # warm-up
+        fwd = [_timed_forward(extractor, images, batch, dev) for _ in range(max(1, repeat))]
+    fit_s, fwd_s = float(np.median(fits[1:])), float(np.median(fwd))
+    out.update({"layers": getattr(model.extractor, "layers", None), "forward_seconds": fwd_s, "fit_seconds": fit_s,
+                "fit_ratio": fit_s / fwd_s, "fit_ratio_range": [min(fits[1:]) / fwd_s, max(fits[1:]) / fwd_s],
+                "peak_rss_mb": peak_rss_mb()})
+    return out
+
+
 def bench_large_bank(n: int, dim: int, *, index: str = "IVF1024,SQfp16", n_queries: int = 2000, seed: int = 0,
                      nprobe: int = 64, chunk: int = 65536) -> dict:
     """Approximate faiss search on an N × D bank (clustered random data, like patch features):

@@ -57,6 +57,10 @@ def benchmark(
 def bench(
     root: Optional[Path] = typer.Option(None, help="MVTec-format folder (default: generate demo data)"),
     category: str = typer.Option("grain", help="category under ROOT (or demo category)"),
+    method: str = typer.Option("patchcore", help="patchcore: the detailed memory-bank bench below; padim | ds2 | apc: "
+                                                 "that method's fit vs its backbone's forward (config from params.yaml's profile)"),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params for --method other than patchcore"),
+    profile: Optional[str] = typer.Option(None, help="params profile for --method (default: params.yaml's)"),
     image_size: int = typer.Option(192, help="image side in pixels"),
     n_train: int = typer.Option(60, help="demo training images (ignored with --root)"),
     backbone: str = typer.Option("resnet18"),
@@ -85,6 +89,15 @@ def bench(
             from defectlab.data import scan_category
 
             data = scan_category(root, category)
+        if method != "patchcore":
+            from defectlab.config import Params
+
+            result = {method: B.bench_fit(method, data, Params.load(params_file, profile=profile), image_size=image_size,
+                                          device=device, repeat=repeat, overrides={"weights": weights})}
+            write_json(out, result)
+            write_text(out.with_suffix(".md"), f"### {method}\n\n{B.format_table(result[method])}\n")
+            typer.echo(out.with_suffix(".md").read_text())
+            return
         result = {"patchcore": B.bench_patchcore(data, image_size=image_size, backbone=backbone, weights=weights,
                                                  layers=layers.split(","), coreset_ratio=coreset_ratio,
                                                  device=device, exact=exact, repeat=repeat,
