@@ -1,8 +1,9 @@
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from defectlab.backbones import (FeatureExtractor, build_backbone, extractor_from_state, extractor_state,
-                                 load_state_dict, save_backbone)
+from defectlab.backbones import (FeatureExtractor, backbone_for_fit, build_backbone, extractor_from_state,
+                                 extractor_state, load_state_dict, save_backbone)
 from defectlab.errors import ConfigError, ResourceMissingError
 
 
@@ -34,6 +35,26 @@ def test_weights_from_file_and_ds2_roundtrip(tmp_path):
     fx = FeatureExtractor(loaded, ["layer1"])
     again = extractor_from_state("resnet18", ["layer1"], extractor_state(fx))
     assert torch.equal(again.body.conv1.weight, fx.body.conv1.weight)
+
+
+def test_networks_rebuilt_from_saved_tensors_skip_initialisation_but_hold_every_tensor(tmp_path):
+    """backbone_for_fit / extractor_from_state build on the meta device and assign the saved
+    tensors: same outputs as the saved network, nothing left on the meta device."""
+    model = build_backbone("resnet18", "random", seed=5)
+    save_backbone(model, tmp_path / "backbone.safetensors", "resnet18")
+    x = torch.randn(2, 3, 48, 48)
+    rebuilt = backbone_for_fit("resnet18", "random", tmp_path, seed=0)
+    assert torch.equal(rebuilt(x), model.eval()(x))
+    fx = FeatureExtractor(model, ["layer2", "layer3"])
+    again = extractor_from_state("resnet18", ["layer2", "layer3"], extractor_state(fx))
+    assert all(torch.equal(again(x)[k], fx(x)[k]) for k in ("layer2", "layer3"))
+    for net in (rebuilt, again):
+        assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+    state = load_state_dict(tmp_path / "backbone.safetensors")
+    del state["layer1.0.bn1.running_var"]
+    save_file(state, str(tmp_path / "backbone.safetensors"))
+    with pytest.raises(ResourceMissingError, match="backbone.safetensors: does not hold a resnet18"):
+        backbone_for_fit("resnet18", "random", tmp_path)
 
 
 def test_missing_or_malicious_weights_give_one_clear_error(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from defectlab.errors import ConfigError
 from defectlab.memory import (NearestNeighbourIndex, coreset_coverage, gaussian_blur, greedy_coreset,
                               local_patch_features, patch_scores_to_maps)
 
@@ -206,7 +207,37 @@ def test_bench_fit_times_a_method_against_its_backbone_forward(tmp_path):
     data = demo_data(tmp_path, 64, 6, n_test_good=2, n_test_per_defect=1)
     params = Params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     r = bench_fit("padim", data, params, image_size=64, repeat=1, overrides={"weights": "random"})
-    assert r["method"] == "padim" and r["n_train"] == 6 and r["forward_seconds"] > 0
-    assert r["fit_ratio"] == pytest.approx(r["fit_seconds"] / r["forward_seconds"])
+    assert r["method"] == "padim" and r["n_train"] == 6 and r["forward_seconds"] > 0 and r["load_seconds"] > 0
+    assert r["fit_ratio"] == pytest.approx((r["fit_seconds"] - r["load_seconds"]) / r["forward_seconds"])
+    assert r["fit_ratio_with_loading"] == pytest.approx(r["fit_seconds"] / r["forward_seconds"])
     lo, hi = r["fit_ratio_range"]
     assert lo <= r["fit_ratio"] <= hi
+    assert "image_forward_seconds" not in r            # PaDiM's floor is the image forward itself
+    with pytest.raises(ConfigError, match="no forward-pass floor"):
+        bench_fit("dsr", data, params, image_size=64, repeat=1)
+
+
+def test_ds2_floor_is_the_backbone_over_every_crop(tmp_path):
+    """DS2-GDE embeds each grid crop on its own: its floor forward runs the backbone on exactly the
+    crops ``patch_embeddings`` embeds (counted through the extractor's batch sizes)."""
+    from defectlab.methods import get_method
+
+    cls = get_method("ds2")
+    model = cls(cls.Config(patch_size=16, patch_stride=8, patch_batch=7), "cpu")
+    seen = {"floor": [], "embed": []}
+    key = "floor"
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            seen[key].append(x.clone())
+            return {layer: x[:, :1] for layer in model.config.gde_layers}
+
+    model.extractor = Counting()
+    images = torch.randn(2, 3, 40, 33)
+    model.floor_forward(images)
+    key = "embed"
+    emb = model.patch_embeddings(images)
+    n_crops = emb.shape[0] * emb.shape[1] * emb.shape[2]
+    assert sum(len(x) for x in seen["floor"]) == n_crops == 2 * 4 * 4     # 40 rows: 4 starts; 33 cols padded to 40
+    torch.testing.assert_close(torch.cat(seen["floor"]), torch.cat(seen["embed"]))
+    assert {tuple(x.shape[1:]) for x in seen["floor"]} == {(3, 16, 16)}

@@ -57,8 +57,8 @@ def benchmark(
 def bench(
     root: Optional[Path] = typer.Option(None, help="MVTec-format folder (default: generate demo data)"),
     category: str = typer.Option("grain", help="category under ROOT (or demo category)"),
-    method: str = typer.Option("patchcore", help="patchcore: the detailed memory-bank bench below; padim | ds2 | apc: "
-                                                 "that method's fit vs its backbone's forward (config from params.yaml's profile)"),
+    method: str = typer.Option("patchcore", help="patchcore: the detailed memory-bank bench below; padim | ds2 | apc | msp_svdd: "
+                                                 "that method's fit vs the forward pass of its frozen network (config from params.yaml's profile)"),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params for --method other than patchcore"),
     profile: Optional[str] = typer.Option(None, help="params profile for --method (default: params.yaml's)"),
     image_size: int = typer.Option(192, help="image side in pixels"),

@@ -200,6 +200,20 @@ class AnomalyMethod(ABC):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score a batch (B, 3, H, W) of normalised images -> (scores (B,), maps (B, H, W))."""
 
+    @torch.no_grad()
+    def floor_forward(self, images: torch.Tensor) -> None:
+        """The network forward pass a fitted model's ``fit`` cannot do without, on a batch of
+        normalised images: the floor ``defectlab bench --method`` times ``fit`` against. Default:
+        the backbone feature extractor the fit built (``self.extractor``); methods that embed crops
+        override it; methods with no frozen embedding network (DSR, SLSG) have no such floor."""
+        from defectlab.errors import ConfigError
+
+        extractor = getattr(self, "extractor", None)
+        if extractor is None:
+            raise ConfigError(f"{self.name}: its fit runs no frozen embedding network, so there is no forward-pass "
+                              f"floor to time it against")
+        extractor(images.to(self.device))
+
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that make up the fitted model (for safetensors)."""

@@ -563,17 +563,27 @@ class DS2(AnomalyMethod):
         pw = (s - (w - p) % s) % s if w >= p else p - w
         return F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
 
+    def _crops(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, gh, gw, 3, p, p): the grid of patches, each embedded on its own."""
+        cfg = self.config
+        x = self._pad(images.to(self.device))
+        patches = x.unfold(2, cfg.patch_size, cfg.patch_stride).unfold(3, cfg.patch_size, cfg.patch_stride)
+        return patches.permute(0, 2, 3, 1, 4, 5)
+
+    @torch.no_grad()
+    def floor_forward(self, images: torch.Tensor) -> None:
+        """The backbone over every crop of the grid (the paper's protocol: no shared image forward)."""
+        for chunk in self._crops(images).flatten(0, 2).split(self.config.patch_batch):
+            self.extractor(chunk)
+
     @torch.no_grad()
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, gh, gw, D) embeddings of the patch grid."""
         cfg = self.config
-        x = self._pad(images.to(self.device))
-        b = x.shape[0]
-        patches = x.unfold(2, cfg.patch_size, cfg.patch_stride).unfold(3, cfg.patch_size, cfg.patch_stride)
-        gh, gw = patches.shape[2:4]
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, cfg.patch_size, cfg.patch_size)
+        patches = self._crops(images)
+        b, gh, gw = patches.shape[:3]
         out = []
-        for chunk in patches.split(cfg.patch_batch):
+        for chunk in patches.flatten(0, 2).split(cfg.patch_batch):
             feats = self.extractor(chunk)
             e = torch.cat([feats[layer].mean((2, 3)) for layer in cfg.gde_layers], 1)
             out.append(F.normalize(e, dim=1) if cfg.l2_normalize else e)

@@ -621,6 +621,12 @@ class MultiScalePatchSVDD(AnomalyMethod):
         self.meta.update({"image_size": ctx.image_size, "n_train_images": len(images)})
         return {"bank_seconds": t_bank, **{f"bank_size_{p}": int(b.shape[0]) for p, b in self.banks.items()}}
 
+    @torch.no_grad()
+    def floor_forward(self, images: torch.Tensor) -> None:
+        """Every scale's encoder over the inference grid's patches (what the banks are built from)."""
+        for p in self.config.scales:
+            self.embed_grid(images.to(self.device), p)
+
     # -- predict ---------------------------------------------------------------------------------
     def index(self, patch: int) -> NearestNeighbourIndex:
         if patch not in self._index:

@@ -33,6 +33,7 @@ class PaDiMConfig(StrictModel):
 class PaDiM(AnomalyMethod):
     name = "padim"
     Config = PaDiMConfig
+    BUFFER_BYTES = 256 << 20      # embeddings gathered before each fold into the second moments
 
     def __init__(self, config: PaDiMConfig, device="cpu"):
         super().__init__(config, device)
@@ -43,18 +44,26 @@ class PaDiM(AnomalyMethod):
         self.grid: tuple[int, int] | None = None
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, d, h, w): the ``channels`` of the layers' concatenation, on the first layer's grid. Each
+        layer's selected channels are taken before the deeper maps are upsampled (same result as
+        selecting from the upsampled concatenation, without upsampling the channels never used)."""
         feats = self.extractor(images.to(self.device))
         maps = [feats[layer] for layer in self.config.layers]
         size = maps[0].shape[-2:]
-        emb = torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps], 1)
-        return emb[:, self.channels.to(emb.device)]   # (B, d, h, w)
+        parts, start = [], 0
+        for m in maps:
+            idx = self.channels[(self.channels >= start) & (self.channels < start + m.shape[1])] - start
+            start += m.shape[1]
+            m = m[:, idx.to(m.device)]
+            parts.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
+        return torch.cat(parts, 1)
 
     def fit(self, ctx: FitContext) -> dict:
         cfg = self.config
         model = backbone_for_fit(cfg.backbone, cfg.weights, ctx.pretrain_dir, seed=ctx.seed, dataset=ctx.dataset)
         self.extractor = FeatureExtractor(model, cfg.layers).to(self.device).eval()
         with torch.no_grad():
-            probe = self.extractor(torch.zeros(1, 3, ctx.image_size, ctx.image_size, device=self.device))
+            probe = self.extractor(torch.zeros(1, 3, 64, 64, device=self.device))   # channel counts only
         total = sum(probe[layer].shape[1] for layer in cfg.layers)
         gen = torch.Generator().manual_seed(ctx.seed)
         d = min(cfg.n_features, total)
@@ -64,34 +73,52 @@ class PaDiM(AnomalyMethod):
         # the model itself (P x d x d: 4 096 x 550² = 5 GB float32 for WRN-50 at 256 px), so they are
         # kept in float32 (float64 needed > 20 GB there), on data shifted by the first batch's mean
         # so that the E[x²] - E[x]² subtraction does not cancel; the covariance is then formed and
-        # inverted a chunk of positions at a time, in place.
-        s1 = s2 = ref = None
-        n = 0
+        # inverted a chunk of positions at a time, in place. Embeddings are gathered position-major
+        # in a buffer of up to BUFFER_BYTES and folded in with one batched matmul per fill (3x faster
+        # than one per loader batch, whose few images make thin matrix products).
         from tqdm.auto import tqdm
+
+        s1 = s2 = ref = buf = None
+        n = k = 0
+
+        def fold():
+            c = buf[:, :k]
+            s1.add_(c.sum(1))
+            s2.baddbmm_(c.transpose(1, 2), c)
 
         for batch in tqdm(make_loader(ctx.data.train, ctx.image_size, cfg.batch_size), desc="padim",
                           disable=not ctx.progress, leave=False):
             with torch.no_grad():
                 e = self._embed(batch["image"])                    # B, d, h, w
             b, _, h, w = e.shape
-            e = e.permute(2, 3, 0, 1).reshape(h * w, b, d)       # P, B, d
-            if s1 is None:
-                ref = e.mean(1, keepdim=True)                      # P, 1, d
-                s1 = torch.zeros(h * w, d, dtype=torch.float64, device=e.device)
+            if buf is None:
+                ref = e.mean(0).permute(1, 2, 0).reshape(h * w, 1, d)      # P, 1, d
+                s1 = torch.zeros(h * w, d, dtype=torch.float64, device=e.device)   # sums: float32 within a fold
                 s2 = torch.zeros(h * w, d, d, dtype=torch.float32, device=e.device)
+                rows = max(b, self.BUFFER_BYTES // (4 * h * w * d))
+                buf = torch.empty(h * w, rows, d, device=e.device)
                 self.grid = (h, w)
-            c = e - ref
-            s1 += c.sum(1, dtype=torch.float64)
-            s2.baddbmm_(c.transpose(1, 2), c)
+            if k + b > buf.shape[1]:
+                fold()
+                k = 0
+            view = buf[:, k:k + b]
+            view.copy_(e.permute(2, 3, 0, 1).reshape(h * w, b, d)).sub_(ref)
+            k += b
             n += b
+        fold()
+        del buf
         mean_c = s1 / n                                            # mean of the shifted data, float64
-        eye = cfg.epsilon * torch.eye(d, dtype=torch.float64, device=s2.device)
-        for i in range(0, h * w, 256):                             # s2 becomes the inverse covariances
-            m = mean_c[i:i + 256]
-            cov = (s2[i:i + 256].double() - n * m[:, :, None] * m[:, None, :]) / max(n - 1, 1) + eye
-            # symmetric positive definite (+ ε·I): a Cholesky inverse, in float32 (2x faster than
-            # float64 LU; entries agree to ~1e-7 relative, tested against a float64 reference)
-            s2[i:i + 256] = torch.cholesky_inverse(torch.linalg.cholesky(cov.float()))
+        # s2 becomes the inverse covariances, in place, 256 positions at a time: Σ = (S2 − n·m·mᵀ)/(n−1) + εI
+        # on the shifted data (m is small, so float32 loses nothing to cancellation); symmetric positive
+        # definite, so a Cholesky inverse in float32 (entries agree with float64 to ~1e-5 relative,
+        # tested). P·d³ work whatever the number of images: 0.26 s of the smoke fit (2 304 × 100²).
+        # A recursive Schur-complement inverse in batched matmuls was tried: 1.3-2.5x faster at d = 100,
+        # not at d = 550, and 100x less accurate there (4e-3), so LAPACK's Cholesky it is.
+        for i in range(0, h * w, 256):
+            m = mean_c[i:i + 256, :, None].float()
+            cov = s2[i:i + 256].baddbmm_(m, m.transpose(1, 2), alpha=-n).div_(max(n - 1, 1))
+            cov.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
+            cov.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
         self.mean = (ref[:, 0].double() + mean_c).float()
         self.inv_cov = s2
         self.meta.update({"image_size": ctx.image_size, "grid": list(self.grid), "n_train_images": n})
