@@ -81,3 +81,22 @@ def test_padim_streaming_float32_statistics_match_a_float64_reference(tiny_demo,
     torch.testing.assert_close(model_off.mean.double(), ref_mean, rtol=1e-6, atol=1e-3)
     err = torch.linalg.matrix_norm(model_off.inv_cov.double() - ref_inv) / torch.linalg.matrix_norm(ref_inv)
     assert float(err.max()) < 1e-4, float(err.max())          # per position, relative Frobenius error
+
+
+def test_padim_stores_the_symmetric_inverse_covariances_as_triangles(tiny_demo, tmp_path):
+    """The saved model holds each position's upper triangle (half the bytes) and loads back the
+    exact full matrices; a model saved in the older full format still loads."""
+    from safetensors.torch import load_file, save_file
+
+    cls = get_method("padim")
+    model = cls(cls.Config(n_features=24, batch_size=4), "cpu")
+    model.fit(FitContext(dataset="demo", category="grain", data=scan_category(tiny_demo, "grain"), image_size=64,
+                         seed=0, device=torch.device("cpu"), progress=False))
+    model.save(tmp_path / "m")
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    p, d = model.inv_cov.shape[:2]
+    assert "inv_cov" not in stored and stored["inv_cov_triu"].shape == (p, d * (d + 1) // 2)
+    assert torch.equal(cls.load(tmp_path / "m").inv_cov, model.inv_cov)
+    legacy = {k: v for k, v in stored.items() if k != "inv_cov_triu"} | {"inv_cov": model.inv_cov.contiguous()}
+    save_file(legacy, str(tmp_path / "m" / "model.safetensors"))
+    assert torch.equal(cls.load(tmp_path / "m").inv_cov, model.inv_cov)

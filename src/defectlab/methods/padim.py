@@ -135,11 +135,27 @@ class PaDiM(AnomalyMethod):
         return maps.flatten(1).max(1).values, maps
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"channels": self.channels, "mean": self.mean, "inv_cov": self.inv_cov, **extractor_state(self.extractor)}
+        """The inverse covariances are symmetric: stored as their upper triangles (d(d+1)/2 values per
+        position instead of d², exact), which halves the model file (5 → 2.5 GB per category for
+        WRN-50 at 256 px, d = 550)."""
+        iu = torch.triu_indices(*self.inv_cov.shape[1:], device=self.inv_cov.device)
+        packed = torch.empty(self.inv_cov.shape[0], iu.shape[1], dtype=self.inv_cov.dtype, device=self.inv_cov.device)
+        for i in range(0, len(packed), 256):          # by chunks: no second full-size temporary
+            packed[i:i + 256] = self.inv_cov[i:i + 256, iu[0], iu[1]]
+        return {"channels": self.channels, "mean": self.mean, "inv_cov_triu": packed, **extractor_state(self.extractor)}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.channels = tensors["channels"].cpu()
         self.mean = tensors["mean"]
-        self.inv_cov = tensors["inv_cov"]
+        if "inv_cov" in tensors:                      # models saved before the packed format
+            self.inv_cov = tensors["inv_cov"]
+        else:
+            packed, d = tensors["inv_cov_triu"], self.mean.shape[1]
+            iu = torch.triu_indices(d, d, device=packed.device)
+            self.inv_cov = torch.empty(len(packed), d, d, dtype=packed.dtype, device=packed.device)
+            for i in range(0, len(packed), 256):
+                block = self.inv_cov[i:i + 256]
+                block[:, iu[0], iu[1]] = packed[i:i + 256]
+                block[:, iu[1], iu[0]] = packed[i:i + 256]
         self.grid = tuple(self.meta.get("grid", ()))
         self.extractor = extractor_from_state(self.config.backbone, self.config.layers, tensors).to(self.device)
