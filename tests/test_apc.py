@@ -278,13 +278,26 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monke
 
     monkeypatch.setattr(apc_module, "apc_losses", counting)
     reference, ref_backbone = finetune(tmp_path / "a")
-    calls.update(n=0, limit=calls["n"] // 2 + 1)   # dies in the second epoch
+    full = calls["n"]
+    assert not (tmp_path / "a" / "apc-finetune.pt").exists()   # removed once complete: never "resumed" later
+    calls.update(n=0, limit=full // 2 + 1)   # dies in the second epoch
     with pytest.raises(KeyboardInterrupt):
         finetune(tmp_path / "b")
     assert (tmp_path / "b" / "apc-finetune.pt").exists()       # epoch 1 was saved
-    monkeypatch.setattr(apc_module, "apc_losses", real)
+    calls.update(n=0, limit=None)
     resumed, backbone = finetune(tmp_path / "b")
-    assert resumed == reference
+    assert resumed == reference and calls["n"] == full - full // 2     # only the second epoch ran
     assert ref_backbone.keys() == backbone.keys()
     for k in ref_backbone:
         assert torch.equal(ref_backbone[k], backbone[k])
+
+    # an interrupted fine-tuning is not resumed on another initial backbone (e.g. a retrained DS2 one)
+    calls.update(n=0, limit=full // 2 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "c")
+    from defectlab.backbones import build_backbone
+
+    monkeypatch.setattr(apc_module, "backbone_for_fit", lambda arch, *a, **kw: build_backbone(arch, "random", seed=123))
+    calls.update(n=0, limit=None)
+    finetune(tmp_path / "c")
+    assert calls["n"] == full                                   # trained from the first epoch

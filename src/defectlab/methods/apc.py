@@ -63,6 +63,7 @@ Pipeline stages (``trains_per_category = True``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -388,9 +389,15 @@ class APC(PatchCore):
         texture = ctx.extra.get("object_kind") == "texture"
         batches = BalancedBatches(normals, anomalies, cfg, np.random.default_rng([ctx.seed, 90]), texture)
         history: list[dict[str, float]] = []
-        # resumable: one checkpoint per epoch in ctx.work_dir, valid only for the same config and data
+        # resumable: one checkpoint per epoch in ctx.work_dir, valid only for the same config, data and
+        # initial backbone (a retrained DS2 / pretrain backbone must not resume an old fine-tuning);
+        # removed once the fine-tuning completes, so a finished run is never "resumed" by the next one
         ckpt = Path(ctx.work_dir) / "apc-finetune.pt" if ctx.work_dir else None
-        key = json.dumps([cfg.model_dump(mode="json"), ctx.category, ctx.seed, size,
+        init = hashlib.sha256()
+        for name, t in backbone.state_dict().items():
+            init.update(name.encode())
+            init.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = json.dumps([cfg.model_dump(mode="json"), ctx.category, ctx.seed, size, init.hexdigest(),
                           [str(s.path) for s in ctx.data.train], [str(s.path) for s in labelled]], sort_keys=True)
         start = 0
         if ckpt is not None and ckpt.exists():
@@ -421,6 +428,8 @@ class APC(PatchCore):
                 with atomic_path(ckpt) as tmp:
                     torch.save({"key": key, "epoch": epoch + 1, "history": history, "net": net.state_dict(),
                                 "opt": opt.state_dict()}, tmp)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
         backbone.eval()
         self.meta["loss_history"] = history
         stats = {"finetune_epochs": float(cfg.epochs), "n_labelled": float(len(labelled)),
