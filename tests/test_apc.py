@@ -279,11 +279,11 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monke
     monkeypatch.setattr(apc_module, "apc_losses", counting)
     reference, ref_backbone = finetune(tmp_path / "a")
     full = calls["n"]
-    assert not (tmp_path / "a" / "apc-finetune.pt").exists()   # removed once complete: never "resumed" later
+    assert not list((tmp_path / "a").glob("*.ckpt.pt"))          # removed once complete: never "resumed" later
     calls.update(n=0, limit=full // 2 + 1)   # dies in the second epoch
     with pytest.raises(KeyboardInterrupt):
         finetune(tmp_path / "b")
-    assert (tmp_path / "b" / "apc-finetune.pt").exists()       # epoch 1 was saved
+    assert len(list((tmp_path / "b").glob("apc-finetune-grain-*.ckpt.pt"))) == 1    # epoch 1 was saved
     calls.update(n=0, limit=None)
     resumed, backbone = finetune(tmp_path / "b")
     assert resumed == reference and calls["n"] == full - full // 2     # only the second epoch ran

@@ -125,6 +125,53 @@ def test_loss_decreases_on_demo(tiny_demo):
     assert st["loss_last"] < st["loss_first"] - 0.05, st
 
 
+def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(tiny_demo, tmp_path, monkeypatch):
+    """An interrupted DS2 run resumes from its checkpoint (same final weights as one run); a run
+    with other settings does not pick that checkpoint up; the checkpoint is gone once done."""
+    from defectlab.data import scan_category
+
+    paths = [s.path for s in scan_category(tiny_demo, "grain").train]
+    cfg = DS2Config(**{**TINY, "epochs": 100, "max_steps": 6, "checkpoint_every": 2})
+    cpu = torch.device("cpu")
+    ref, _ = train_ds2(cfg, paths, image_size=64, seed=0, device=cpu, work_dir=tmp_path / "a")
+    assert not list((tmp_path / "a").glob("*"))
+
+    calls = {"n": 0}
+    real = DS2Net.momentum_update
+
+    def dies_in_step_4(self, m):                  # the 4th optimiser step "crashes"
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real(self, m)
+
+    monkeypatch.setattr(DS2Net, "momentum_update", dies_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_ds2(cfg, paths, image_size=64, seed=0, device=cpu, work_dir=tmp_path / "b")
+    assert len(list((tmp_path / "b").glob("ds2-*.ckpt.pt"))) == 1           # saved after step 2
+    def counting(self, m):
+        calls["n"] += 1
+        real(self, m)
+
+    monkeypatch.setattr(DS2Net, "momentum_update", counting)
+    calls["n"] = 0
+    other, _ = train_ds2(cfg.model_copy(update={"lr": cfg.lr * 2}), paths, image_size=64, seed=0, device=cpu,
+                         work_dir=tmp_path / "b")
+    assert calls["n"] == 6                                              # other inputs: trained from step 0
+    assert not list((tmp_path / "b").glob("*.ckpt.pt"))                 # and the stale checkpoint is gone
+    monkeypatch.setattr(DS2Net, "momentum_update", dies_in_step_4)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        train_ds2(cfg, paths, image_size=64, seed=0, device=cpu, work_dir=tmp_path / "b")
+    monkeypatch.setattr(DS2Net, "momentum_update", counting)
+    calls["n"] = 0
+    resumed, _ = train_ds2(cfg, paths, image_size=64, seed=0, device=cpu, work_dir=tmp_path / "b")
+    assert calls["n"] == 4                                              # resumed after step 2
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), other.state_dict().values()))
+
+
 @pytest.fixture(scope="module")
 def pretrained(tiny_demo, tmp_path_factory):
     from defectlab.methods.base import PretrainContext

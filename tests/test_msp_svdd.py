@@ -204,10 +204,12 @@ def test_resumed_training_equals_uninterrupted(tiny_demo, tmp_path):
     cfg = MSPSVDDConfig(scales=[16], strides={16: 8}, jitters={16: 1}, width=0.0625, embed_dim=16, epochs=4,
                         checkpoint_every=2, patches_per_image=2, batch_size=16, lr=1e-3, kmeans_samples=64,
                         n_clusters=4)
-    ck = tmp_path / "ck.pt"
+    from defectlab.resume import Checkpoint
+
+    ck = Checkpoint(tmp_path, "ck", cfg, 3)
     full = fresh(cfg)
     h_full = full.train_encoders(images, seed=3, checkpoint=ck)
-    assert ck.exists()                                   # written after epoch 2
+    assert ck.path.exists()                              # written after epoch 2
     resumed = fresh(cfg)
     h_res = resumed.train_encoders(images, seed=3, checkpoint=ck)
     assert [h["epoch"] for h in h_res] == [0, 1, 2, 3]

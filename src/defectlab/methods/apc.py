@@ -51,7 +51,7 @@ Pipeline stages (``trains_per_category = True``):
 * `pretrain` (per dataset): the default ``AnomalyMethod.pretrain`` freezes that initial backbone.
 * `train` (per category, the expensive step): ``train`` draws the labelled anomalies (1) and
   fine-tunes a copy of the initial backbone (2, 3), resumable from a per-epoch checkpoint
-  ``apc-finetune.pt`` in ``ctx.work_dir``. ``trained_tensors`` is the fine-tuned encoder only,
+  ``apc-finetune-<category>-<inputs hash>.ckpt.pt`` in ``ctx.work_dir``. ``trained_tensors`` is the fine-tuned encoder only,
   truncated after the deepest layer PatchCore reads (the decoder and heads are dropped: only
   the bank needs the encoder); ``trained.json`` carries the labelled-anomaly lists.
 * `fit` (per category, cheap): ``load_trained(ctx.train_dir)`` puts the fine-tuned weights into
@@ -63,8 +63,6 @@ Pipeline stages (``trains_per_category = True``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -77,6 +75,7 @@ from pydantic import Field
 from torch import nn
 
 from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
+from defectlab.resume import Checkpoint, image_files
 from defectlab.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image, load_mask
 from defectlab.errors import ConfigError
 from defectlab.memory import gaussian_blur
@@ -389,23 +388,15 @@ class APC(PatchCore):
         texture = ctx.extra.get("object_kind") == "texture"
         batches = BalancedBatches(normals, anomalies, cfg, np.random.default_rng([ctx.seed, 90]), texture)
         history: list[dict[str, float]] = []
-        # resumable: one checkpoint per epoch in ctx.work_dir, valid only for the same config, data and
-        # initial backbone (a retrained DS2 / pretrain backbone must not resume an old fine-tuning);
-        # removed once the fine-tuning completes, so a finished run is never "resumed" by the next one
-        ckpt = Path(ctx.work_dir) / "apc-finetune.pt" if ctx.work_dir else None
-        init = hashlib.sha256()
-        for name, t in backbone.state_dict().items():
-            init.update(name.encode())
-            init.update(t.detach().cpu().contiguous().numpy().tobytes())
-        key = json.dumps([cfg.model_dump(mode="json"), ctx.category, ctx.seed, size, init.hexdigest(),
-                          [str(s.path) for s in ctx.data.train], [str(s.path) for s in labelled]], sort_keys=True)
+        # resumable: one checkpoint per epoch in ctx.work_dir, for these inputs only (defectlab.resume)
+        ckpt = Checkpoint(ctx.work_dir, f"apc-finetune-{ctx.category}", self.phase_config(cfg, "train"), ctx.seed,
+                          size, backbone, image_files(ctx.data.train), image_files(labelled))
         start = 0
-        if ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, map_location=self.device, weights_only=True)
-            if state.get("key") == key:
-                net.load_state_dict(state["net"])
-                opt.load_state_dict(state["opt"])
-                history, start = state["history"], int(state["epoch"])
+        state = ckpt.load(self.device)
+        if state is not None:
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            history, start = state["history"], int(state["epoch"])
         bar = tqdm(range(start, cfg.epochs), desc=f"apc fine-tune {ctx.category}", disable=not ctx.progress,
                    leave=False)
         for epoch in bar:
@@ -422,14 +413,8 @@ class APC(PatchCore):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
             history.append({k: v / len(batches) for k, v in sums.items()})
             bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
-            if ckpt is not None:
-                from defectlab.io import atomic_path
-
-                with atomic_path(ckpt) as tmp:
-                    torch.save({"key": key, "epoch": epoch + 1, "history": history, "net": net.state_dict(),
-                                "opt": opt.state_dict()}, tmp)
-        if ckpt is not None:
-            ckpt.unlink(missing_ok=True)
+            ckpt.save({"epoch": epoch + 1, "history": history, "net": net.state_dict(), "opt": opt.state_dict()})
+        ckpt.remove()
         backbone.eval()
         self.meta["loss_history"] = history
         stats = {"finetune_epochs": float(cfg.epochs), "n_labelled": float(len(labelled)),

@@ -65,6 +65,7 @@ from defectlab.backbones import (FeatureExtractor, build_backbone, extractor_fro
 from defectlab.config import StrictModel
 from defectlab.errors import ResourceMissingError
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
+from defectlab.resume import Checkpoint, image_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -404,8 +405,9 @@ def make_batch_views(images: torch.Tensor, gen: torch.Generator, cfg: DS2Config)
 
 
 def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device: torch.device,
-              checkpoint: Path | None = None, progress: bool = False, desc: str = "ds2") -> tuple[DS2Net, dict]:
-    """Pretrain a DS2Net on the images at ``paths``; returns the network and training statistics."""
+              work_dir: Path | None = None, progress: bool = False, desc: str = "ds2") -> tuple[DS2Net, dict]:
+    """Pretrain a DS2Net on the images at ``paths``; returns the network and training statistics.
+    With ``work_dir`` and ``cfg.checkpoint_every``, resumable from a checkpoint of the same inputs."""
     from tqdm.auto import tqdm
 
     size = cfg.load_size or image_size
@@ -428,8 +430,10 @@ def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device
     else:
         opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    checkpoint = Checkpoint(work_dir, desc.replace(" ", "-"), cfg.model_dump(mode="json", exclude={"checkpoint_every"}),
+                            image_files(paths), image_size, seed)
+    state = checkpoint.load(device)
+    if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         start, losses = int(state["step"]), state["losses"].tolist()
@@ -451,14 +455,10 @@ def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device
         net.momentum_update(momentum_at(step, total, cfg.momentum))
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            from defectlab.io import atomic_path
-
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step + 1),
-                            "losses": torch.tensor(losses)}, tmp)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            checkpoint.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step + 1),
+                             "losses": torch.tensor(losses)})
+    checkpoint.remove()
     net.eval()
     k = max(1, min(10, len(losses) // 4))
     out = {"steps": float(total), "images": float(n), "loss_first": float(np.mean(losses[:k])) if losses else float("nan"),
@@ -526,9 +526,8 @@ class DS2(AnomalyMethod):
         for cat, paths in groups.items():
             out = ctx.out_dir if cat is None else ctx.out_dir / cat
             out.mkdir(parents=True, exist_ok=True)
-            ckpt = Path(ctx.work_dir) / f"ds2-{ctx.dataset}-{cat or 'all'}.ckpt.pt" if ctx.work_dir else None
             net, st = train_ds2(config, paths, image_size=ctx.image_size, seed=ctx.seed, device=ctx.device,
-                                checkpoint=ckpt, progress=ctx.progress, desc=f"ds2 {cat or 'all'}")
+                                work_dir=ctx.work_dir, progress=ctx.progress, desc=f"ds2 {ctx.dataset} {cat or 'all'}")
             meta = {"weights": "ds2", "dataset": ctx.dataset, "categories": ctx.categories if cat is None else [cat],
                     "config": config.model_dump(mode="json"), "stats": st}
             save_backbone(net.backbone, out / "backbone.safetensors", config.backbone, meta)

@@ -84,10 +84,11 @@ from defectlab.config import StrictModel
 from defectlab.data import load_image, scan_category
 from defectlab.data.mvtec import IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from defectlab.errors import ConfigError, ResourceMissingError
-from defectlab.io import atomic_path, sha256_file, write_json
+from defectlab.io import sha256_file, write_json
 from defectlab.losses import focal_loss
 from defectlab.memory import knn
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
+from defectlab.resume import Checkpoint, image_files
 from defectlab.synthesis import blend, perlin_mask, procedural_texture
 
 log = logging.getLogger(__name__)
@@ -461,11 +462,11 @@ def step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, tor
 
 def train_loop(module: nn.Module, params: Iterable[nn.Parameter], step_loss: Callable[[int, Any], tuple[torch.Tensor, dict]],
                batches: Callable[[int], Iterator], *, iters: int, lr_at: Callable[[int], float],
-               checkpoint: Path | None, every: int, desc: str, progress: bool) -> dict[str, float]:
+               checkpoint: Checkpoint, every: int, desc: str, progress: bool) -> dict[str, float]:
     """Adam on ``step_loss(step, batch)`` for steps [start, iters), where ``batches(start)``
     yields one batch per step. Every ``every`` steps ``module``'s state and the optimiser state
-    go to ``checkpoint`` (torch.save, read back with weights_only=True); an existing checkpoint is
-    resumed from, and removed once training completes. Returns the mean of each logged term
+    go to ``checkpoint`` (``defectlab.resume``: named by a fingerprint of the training's inputs);
+    an existing one is resumed from, and removed once training completes. Returns the mean of each logged term
     over the last 10 % of the steps run (``<desc>_<term>``) and over the first 10 %
     (``<desc>_<term>_start``), so a caller can see the loss fall."""
     from tqdm.auto import tqdm
@@ -473,12 +474,12 @@ def train_loop(module: nn.Module, params: Iterable[nn.Parameter], step_loss: Cal
     device = next(module.parameters()).device
     optim = torch.optim.Adam(params, lr=lr_at(0))
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = checkpoint.load(device)
+    if state is not None:
         module.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         start = int(state["step"])
-        log.info("%s: resuming from %s at step %d", desc, checkpoint, start)
+        log.info("%s: resuming at step %d", desc, start)
     history: list[dict[str, float]] = []
     bar = tqdm(zip(range(start, iters), batches(start)), total=iters - start, desc=desc, disable=not progress,
                leave=False)
@@ -491,11 +492,9 @@ def train_loop(module: nn.Module, params: Iterable[nn.Parameter], step_loss: Cal
         optim.step()
         history.append({"loss": loss.item(), **logs})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < iters:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"step": step + 1, "model": module.state_dict(), "optim": optim.state_dict()}, tmp)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+        if (step + 1) % every == 0 and step + 1 < iters:
+            checkpoint.save({"step": step + 1, "model": module.state_dict(), "optim": optim.state_dict()})
+    checkpoint.remove()
     n = max(1, len(history) // 10)
     head, tail = history[:n], history[-n:]
     stats = {f"{desc}_{k}": float(np.mean([h[k] for h in tail])) for k in (tail[0] if tail else {})}
@@ -556,10 +555,6 @@ def general_image_set(cfg: DSRConfig, ctx: PretrainContext) -> tuple[GeneralImag
     return GeneralImages(files, arrays, ctx.image_size), desc
 
 
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def check_image_size(size: int) -> None:
     if size % 32 or size < 64:
         raise ConfigError(f"image_size: DSR needs a multiple of 32, at least 64 (the subspace restriction module "
@@ -607,8 +602,8 @@ class DSR(AnomalyMethod):
         torch.manual_seed(ctx.seed)
         vq = build_vq(cfg).to(ctx.device).train()
         settings = {k: getattr(cfg, k) for k in STAGE1_KEYS}
-        key = config_hash({**settings, "seed": ctx.seed, "size": ctx.image_size, "source": source})
-        checkpoint = Path(ctx.work_dir) / f"dsr-stage1-{key}.ckpt.pt" if ctx.work_dir is not None else None
+        checkpoint = Checkpoint(ctx.work_dir, "dsr-stage1", settings, ctx.seed,
+                                ctx.image_size, source, image_files(images.files), vq)
 
         def batches(start: int) -> Iterator[torch.Tensor]:
             sampler = StepBatches(len(images), cfg.stage1_batch, ctx.seed, start, cfg.stage1_iters)
@@ -698,13 +693,12 @@ class DSR(AnomalyMethod):
         self.net.vq.eval().requires_grad_(False)
         self.meta["stage1_sha256"] = sha256_file(Path(ctx.pretrain_dir) / "vq.safetensors")
 
-    def stage2_key(self, ctx: FitContext) -> str:
-        """A hash of everything stage 2 depends on (names its resumable checkpoint)."""
+    def stage2_checkpoint(self, ctx: FitContext) -> Checkpoint:
+        """Stage 2's resumable checkpoint: for everything stage 2 depends on."""
         cfg = self.config.model_dump(mode="json", exclude=set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS))
-        return config_hash({"config": cfg, "stage1": self.meta["stage1_sha256"], "seed": ctx.seed,
-                            "size": ctx.image_size, "category": ctx.category,
-                            "train": sorted(Path(s.path).name for s in ctx.data.train),
-                            "supervised": self.meta.get("exclude_from_eval", [])})
+        return Checkpoint(ctx.work_dir, f"dsr-stage2-{ctx.category}", cfg, self.meta["stage1_sha256"], ctx.seed,
+                          ctx.image_size, image_files(ctx.data.train), self.meta.get("exclude_from_eval", []),
+                          self.net.object_modules())
 
     def train_stage2(self, ctx: FitContext) -> dict:
         """Stage 2 (Sec. 3.7, Eq. 3): restriction modules, object decoder and detection module,
@@ -736,8 +730,7 @@ class DSR(AnomalyMethod):
         def step_loss(step: int, batch: Stage2Batch) -> tuple[torch.Tensor, dict]:
             return self.stage2_loss(batch, neighbours)
 
-        checkpoint = (Path(ctx.work_dir) / f"dsr-stage2-{self.stage2_key(ctx)}.ckpt.pt"
-                      if ctx.work_dir is not None else None)
+        checkpoint = self.stage2_checkpoint(ctx)
         modules.train()
         stats = train_loop(modules, modules.parameters(), step_loss, batches, iters=cfg.stage2_iters,
                            lr_at=lambda step: cfg.stage2_lr * (0.1 if step >= cfg.stage2_lr_drop_at else 1.0),
@@ -809,12 +802,9 @@ class DSR(AnomalyMethod):
         self.net.object_modules().eval().requires_grad_(False)
         self.net.upsampler.train()
         images = load_train_images(ctx)
-        checkpoint = None
-        if ctx.work_dir is not None:
-            key = config_hash({"stage2": self.meta.get("stage2_sha256"), "seed": ctx.seed, "size": ctx.image_size,
-                               "category": ctx.category, "train": sorted(Path(s.path).name for s in ctx.data.train),
-                               **{k: getattr(cfg, k) for k in STAGE3_KEYS}})
-            checkpoint = Path(ctx.work_dir) / f"dsr-stage3-{key}.ckpt.pt"
+        checkpoint = Checkpoint(ctx.work_dir, f"dsr-stage3-{ctx.category}", self.meta.get("stage2_sha256"), ctx.seed,
+                                ctx.image_size, image_files(ctx.data.train), {k: getattr(cfg, k) for k in STAGE3_KEYS},
+                                self.net.upsampler)
 
         def batches(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for step in range(start, cfg.stage3_iters):

@@ -83,6 +83,7 @@ from defectlab.config import StrictModel
 from defectlab.errors import ConfigError, ResourceMissingError
 from defectlab.memory import NearestNeighbourIndex
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
+from defectlab.resume import Checkpoint, image_files
 
 log = logging.getLogger(__name__)
 
@@ -458,15 +459,13 @@ class MultiScalePatchSVDD(AnomalyMethod):
         enc.train()
         return kmeans(emb, cfg.n_clusters, cfg.kmeans_iters, gen)
 
-    def _checkpoint_path(self, ctx: FitContext) -> Path | None:
-        if ctx.work_dir is None:
-            return None
-        key = json.dumps({"config": self.config.model_dump(mode="json"), "seed": ctx.seed, "size": ctx.image_size,
-                          "train": sorted(str(s.path) for s in ctx.data.train)}, sort_keys=True)
-        return Path(ctx.work_dir) / f"msp_svdd-{ctx.category}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    def _checkpoint(self, ctx: FitContext) -> Checkpoint:
+        """The resumable checkpoint of this training: same config, seed, size, images and initial encoders."""
+        return Checkpoint(ctx.work_dir, f"msp_svdd-{ctx.category}", self.phase_config(self.config, "train"), ctx.seed,
+                          ctx.image_size, image_files(ctx.data.train), self.encoders)
 
     def train_encoders(self, images: torch.Tensor, seed: int, progress: bool = False,
-                       checkpoint: Path | None = None) -> list[dict]:
+                       checkpoint: Checkpoint | None = None) -> list[dict]:
         """Train every Enc_θ and C_θ on normalised images (N, 3, H, W) already on ``self.device``.
         Returns the per-epoch history (mean loss terms per scale, K-means recomputations)."""
         from tqdm.auto import tqdm
@@ -486,15 +485,15 @@ class MultiScalePatchSVDD(AnomalyMethod):
         centres: dict[str, torch.Tensor] = {}
         history: list[dict] = []
         start = 0
-        if checkpoint is not None and checkpoint.exists():
-            ck = torch.load(checkpoint, map_location=self.device, weights_only=True)
+        ck = checkpoint.load(self.device) if checkpoint is not None else None
+        if ck is not None:
             self.encoders.load_state_dict(ck["encoders"])
             classifiers.load_state_dict(ck["classifiers"])
             opt.load_state_dict(ck["optimizer"])
             centres = dict(ck["centres"])
             history = json.loads(ck["history"])
             start = int(ck["epoch"])
-            log.info("msp_svdd: resuming from %s at epoch %d", checkpoint, start)
+            log.info("msp_svdd: resuming at epoch %d", start)
         n_img = images.shape[0]
         for epoch in tqdm(range(start, cfg.epochs), desc="msp_svdd train", disable=not progress, leave=False):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -523,12 +522,9 @@ class MultiScalePatchSVDD(AnomalyMethod):
             record.update({k: v / steps for k, v in sums.items()})
             history.append(record)
             if checkpoint is not None and ((epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs):
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"encoders": self.encoders.state_dict(), "classifiers": classifiers.state_dict(),
-                            "optimizer": opt.state_dict(), "centres": centres, "history": json.dumps(history),
-                            "epoch": epoch + 1}, tmp)
-                tmp.replace(checkpoint)
+                checkpoint.save({"encoders": self.encoders.state_dict(), "classifiers": classifiers.state_dict(),
+                                 "optimizer": opt.state_dict(), "centres": centres, "history": json.dumps(history),
+                                 "epoch": epoch + 1})
         self.encoders.eval()
         self.classifiers, self.centres = classifiers.eval(), centres
         return history
@@ -568,7 +564,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
         source = self._load_init(ctx)
         images = self._train_images(ctx)
         t0 = time.perf_counter()
-        checkpoint = self._checkpoint_path(ctx)
+        checkpoint = self._checkpoint(ctx)
         self.history = self.train_encoders(images, ctx.seed, ctx.progress, checkpoint)
         t_train = time.perf_counter() - t0
         last = self.history[-1]
@@ -579,8 +575,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
         stats = {"train_seconds": t_train, "epochs": cfg.epochs, "init_weights": cfg.weights}
         stats.update({f"final_{k}": v for k, v in last.items() if k not in ("epoch", "kmeans_recomputed")})
         stats.update({f"first_{k}": v for k, v in self.history[0].items() if k.startswith(("total", "ssl_acc"))})
-        if checkpoint is not None and checkpoint.exists():
-            checkpoint.unlink()
+        checkpoint.remove()
         return stats
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

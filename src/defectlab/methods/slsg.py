@@ -78,6 +78,7 @@ from pydantic import Field
 from torch import nn
 
 from defectlab.backbones import backbone_for_fit, build_backbone, load_state_dict, save_backbone
+from defectlab.resume import Checkpoint, image_files
 from defectlab.config import StrictModel
 from defectlab.data import ImageDataset, scan_category
 from defectlab.errors import ConfigError
@@ -391,22 +392,6 @@ def _stack(dataset, indices) -> dict[str, torch.Tensor]:
     return {"image": torch.stack([it["image"] for it in items]), "mask": torch.stack([it["mask"] for it in items])}
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def _load_checkpoint(path: Path | None) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt / foreign file: start over
-        log.warning("%s: ignoring unreadable checkpoint (%s)", path, err)
-        return None
-
-
 def _thin(values: list[float], n: int = 500) -> list[float]:
     """At most ``n`` evenly spaced entries (loss curves stored in JSON)."""
     idx = np.unique(np.linspace(0, len(values) - 1, min(n, len(values))).round().astype(int)) if values else []
@@ -449,11 +434,12 @@ class SLSG(AnomalyMethod):
         gen_net, disc = GPTNet(cfg, encoder_model).to(device), Discriminator(cfg.disc_width).to(device)
         opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.gpt_lr)
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr)
-        ckpt_path = Path(ctx.work_dir) / "slsg-gptnet-checkpoint.pt" if ctx.work_dir else None
+        ckpt = Checkpoint(ctx.work_dir, "slsg-gptnet", cls.phase_config(cfg, "pretrain"), ctx.seed, ctx.image_size,
+                          image_files(samples), gen_net, disc)
         history: dict[str, list[float]] = {"loss": [], "l1": [], "adv": [], "aux": [], "disc": []}
         start = 0
-        state = _load_checkpoint(ckpt_path)
-        if state is not None and state.get("total") == total and state.get("n_images") == len(data):
+        state = ckpt.load()
+        if state is not None:
             gen_net.load_state_dict(state["gen"])
             disc.load_state_dict(state["disc"])
             opt_g.load_state_dict(state["opt_g"])
@@ -490,11 +476,9 @@ class SLSG(AnomalyMethod):
             opt_g.step()
             for k, v in (("loss", loss), ("l1", l1), ("adv", adv), ("aux", aux_loss), ("disc", loss_d)):
                 history[k].append(float(v.detach()))
-            if ckpt_path is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
-                _save_checkpoint(ckpt_path, {"gen": gen_net.state_dict(), "disc": disc.state_dict(),
-                                             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                                             "step": step + 1, "total": total, "n_images": len(data),
-                                             "history": history})
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                ckpt.save({"gen": gen_net.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                           "opt_d": opt_d.state_dict(), "step": step + 1, "history": history})
         seconds = time.perf_counter() - t0
 
         # outputs: the encoder as a torchvision backbone (read by fit through backbone_for_fit),
@@ -516,8 +500,7 @@ class SLSG(AnomalyMethod):
             "gpt_aux_last": _mean(history["aux"][-tenth:]), "gpt_disc_last": _mean(history["disc"][-tenth:]),
         }
         write_json(ctx.out_dir / "gptnet.json", {"stats": stats, "history": {k: _thin(v) for k, v in history.items()}})
-        if ckpt_path is not None and ckpt_path.exists():
-            ckpt_path.unlink()
+        ckpt.remove()
         return stats
 
     # -- SegNet training (Sec. 3.2-3.4) -------------------------------------------------------
@@ -625,11 +608,12 @@ class SLSG(AnomalyMethod):
             opt = torch.optim.SGD(params, lr=cfg.seg_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=cfg.seg_lr, weight_decay=cfg.weight_decay)
-        ckpt_path = Path(ctx.work_dir) / f"slsg-segnet-{ctx.category}-checkpoint.pt" if ctx.work_dir else None
+        ckpt = Checkpoint(ctx.work_dir, f"slsg-segnet-{ctx.category}", self.phase_config(cfg, "train"), ctx.seed,
+                          ctx.image_size, image_files(ctx.data.train), image_files(r["image"] for r in synth.rows), net)
         history: dict[str, list[float]] = {"loss": [], "focal": [], "l1": [], "aux": []}
         start = 0
-        state = _load_checkpoint(ckpt_path)
-        if state is not None and state.get("total") == cfg.seg_iters:
+        state = ckpt.load(device)
+        if state is not None:
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
             history = {k: list(v) for k, v in state["history"].items()}
@@ -656,11 +640,9 @@ class SLSG(AnomalyMethod):
             opt.step()
             for k, v in losses.items():
                 history[k].append(float(v.detach()))
-            if ckpt_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.seg_iters:
-                _save_checkpoint(ckpt_path, {"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                                             "total": cfg.seg_iters, "history": history})
-        if ckpt_path is not None and ckpt_path.exists():
-            ckpt_path.unlink()
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.seg_iters:
+                ckpt.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1, "history": history})
+        ckpt.remove()
         tenth = max(1, len(history["loss"]) // 10)
         self.meta["loss_history"] = _thin(history["loss"])
         return {
