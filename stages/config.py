@@ -3,7 +3,9 @@
 ``methods.<m>``, so a fit-only setting does not retrain a network."""
 
 from defectlab import pipeline
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
+
+stage_args(__doc__)   # no options; --help prints the description instead of running the stage
 
 
 def body(params, run):

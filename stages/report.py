@@ -1,7 +1,9 @@
 """DVC stage: results table (Markdown + CSV) and heatmap gallery from every evaluated category."""
 
 from defectlab import report
-from defectlab.stagekit import run_stage
+from defectlab.stagekit import run_stage, stage_args
+
+stage_args(__doc__)   # no options; --help prints the description instead of running the stage
 
 
 def body(params, run):

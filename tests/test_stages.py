@@ -172,3 +172,19 @@ def test_dvc_lock_holds_only_current_stages():
         stages = {s.addressing for s in repo.index.stages}
     locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
     assert locked <= stages, sorted(locked - stages)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "stages").glob("*.py")))
+def test_every_stage_script_answers_help_without_running(script, tmp_path):
+    """`python stages/<s>.py --help` prints its usage and exits; it does not run the stage (the
+    option-less `config` and `report` stages used to, rewriting configs/ and reports/)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / script), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "DVC stage" in out.stdout
+    assert not list(tmp_path.iterdir())                     # nothing written where it ran
