@@ -55,14 +55,16 @@ def test_patchcore_reweighting_follows_eq7():
     assert w.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("buffer_bytes", [1, 7 * 16 * 16 * 24 * 4, 1 << 30])   # fold every batch / every 2 / once
-def test_padim_streaming_float32_statistics_match_a_float64_reference(tiny_demo, buffer_bytes):
-    """PaDiM keeps its per-position second moments in float32 (float64 would double a model that is
-    already P x d x d), folded in from a buffer of embeddings; on shifted data they must still give
-    the float64 mean and inverse covariance, however many folds."""
+@pytest.mark.parametrize("buffer_bytes,woodbury", [(1, False), (7 * 16 * 16 * 24 * 4, False), (1 << 30, False),
+                                                    (1 << 30, True)])   # fold every batch / every 2 / once; n < d
+def test_padim_float32_statistics_match_a_float64_reference(tiny_demo, buffer_bytes, woodbury):
+    """PaDiM works in float32 (float64 would double a model that is already P x d x d): streamed
+    second moments folded in from a buffer, or (n < d) all embeddings and an n x n inverse; on
+    shifted data both must give the float64 mean and inverse covariance, however many folds."""
     cls = get_method("padim")
     model = cls(cls.Config(n_features=24, batch_size=3), "cpu")     # several batches: streaming
     model.BUFFER_BYTES = buffer_bytes
+    model.WOODBURY_BYTES = (1 << 30) if woodbury else 0              # 16 images < d = 24
     data = scan_category(tiny_demo, "grain")
     model.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
                          device=torch.device("cpu"), progress=False))
@@ -75,9 +77,11 @@ def test_padim_streaming_float32_statistics_match_a_float64_reference(tiny_demo,
     ref_inv = torch.linalg.inv(c.transpose(1, 2) @ c / (n - 1) + 0.01 * torch.eye(d, dtype=torch.float64))
     model_off = cls(cls.Config(n_features=24, batch_size=3), "cpu")
     model_off.BUFFER_BYTES = buffer_bytes
+    model_off.WOODBURY_BYTES = model.WOODBURY_BYTES
     model_off._embed = lambda images, _m=model: _m._embed(images) + 1e3  # same features, offset
-    model_off.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
-                             device=torch.device("cpu"), progress=False))
+    stats = model_off.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
+                                     device=torch.device("cpu"), progress=False))
+    assert stats["woodbury"] == float(woodbury)
     torch.testing.assert_close(model_off.mean.double(), ref_mean, rtol=1e-6, atol=1e-3)
     err = torch.linalg.matrix_norm(model_off.inv_cov.double() - ref_inv) / torch.linalg.matrix_norm(ref_inv)
     assert float(err.max()) < 1e-4, float(err.max())          # per position, relative Frobenius error

@@ -34,6 +34,7 @@ class PaDiM(AnomalyMethod):
     name = "padim"
     Config = PaDiMConfig
     BUFFER_BYTES = 256 << 20      # embeddings gathered before each fold into the second moments
+    WOODBURY_BYTES = 1 << 30      # n < d: keep all embeddings (P x n x d) up to this size, invert n x n
 
     def __init__(self, config: PaDiMConfig, device="cpu"):
         super().__init__(config, device)
@@ -69,17 +70,24 @@ class PaDiM(AnomalyMethod):
         d = min(cfg.n_features, total)
         self.channels = torch.randperm(total, generator=gen)[:d].sort().values
 
-        # Streaming sufficient statistics. The d x d second moments of every position are the size of
-        # the model itself (P x d x d: 4 096 x 550² = 5 GB float32 for WRN-50 at 256 px), so they are
-        # kept in float32 (float64 needed > 20 GB there), on data shifted by the first batch's mean
-        # so that the E[x²] - E[x]² subtraction does not cancel; the covariance is then formed and
-        # inverted a chunk of positions at a time, in place. Embeddings are gathered position-major
-        # in a buffer of up to BUFFER_BYTES and folded in with one batched matmul per fill (3x faster
-        # than one per loader batch, whose few images make thin matrix products).
+        # Σ_ij⁻¹ for every position, from the embeddings shifted by the first batch's mean (so that
+        # float32 loses nothing to cancellation, also for features far from 0; tested against float64
+        # with a 1e3 offset). Two exact routes, chosen by the number of images n against d:
+        #  * n < d (PaDiM's usual case: d = 550 for WRN-50, a few hundred images) and the embeddings fit
+        #    in WOODBURY_BYTES: keep them all, Y (n x d per position, centred, / √(n−1)), and use
+        #    Σ⁻¹ = (εI + YᵀY)⁻¹ = (I − Yᵀ(εI + YYᵀ)⁻¹Y) / ε — an n x n inverse instead of d x d
+        #    (2x faster at n = 60, d = 100 and at n = 200, d = 550; as accurate). Batched LAPACK runs
+        #    one small factorisation per matrix (~6 GFLOP/s here), so the smaller one matters.
+        #  * otherwise stream sufficient statistics: float32 second moments P x d x d (the size of the
+        #    model: 4 096 x 550² = 5 GB for WRN-50 at 256 px), folded in from a buffer of up to
+        #    BUFFER_BYTES with one batched matmul per fill, then the covariance formed and
+        #    Cholesky-inverted in place, 256 positions at a time.
         from tqdm.auto import tqdm
 
+        n_images = len(ctx.data.train)
         s1 = s2 = ref = buf = None
         n = k = 0
+        woodbury = False
 
         def fold():
             c = buf[:, :k]
@@ -92,37 +100,48 @@ class PaDiM(AnomalyMethod):
                 e = self._embed(batch["image"])                    # B, d, h, w
             b, _, h, w = e.shape
             if buf is None:
-                ref = e.mean(0).permute(1, 2, 0).reshape(h * w, 1, d)      # P, 1, d
-                s1 = torch.zeros(h * w, d, dtype=torch.float64, device=e.device)   # sums: float32 within a fold
-                s2 = torch.zeros(h * w, d, d, dtype=torch.float32, device=e.device)
-                rows = max(b, self.BUFFER_BYTES // (4 * h * w * d))
-                buf = torch.empty(h * w, rows, d, device=e.device)
+                p = h * w
                 self.grid = (h, w)
-            if k + b > buf.shape[1]:
+                ref = e.mean(0).permute(1, 2, 0).reshape(p, 1, d)      # P, 1, d
+                woodbury = n_images < d and 4 * p * n_images * d <= self.WOODBURY_BYTES
+                if woodbury:
+                    buf = torch.empty(p, n_images, d, device=e.device)
+                else:
+                    s1 = torch.zeros(p, d, dtype=torch.float64, device=e.device)   # float32 within a fold
+                    s2 = torch.zeros(p, d, d, dtype=torch.float32, device=e.device)
+                    buf = torch.empty(p, max(b, self.BUFFER_BYTES // (4 * p * d)), d, device=e.device)
+            if not woodbury and k + b > buf.shape[1]:
                 fold()
                 k = 0
-            view = buf[:, k:k + b]
-            view.copy_(e.permute(2, 3, 0, 1).reshape(h * w, b, d)).sub_(ref)
+            buf[:, k:k + b].copy_(e.permute(2, 3, 0, 1).reshape(h * w, b, d)).sub_(ref)
             k += b
             n += b
-        fold()
+        if woodbury:
+            mean_c = torch.empty(h * w, d, dtype=torch.float64, device=buf.device)   # of the shifted data
+            self.inv_cov = torch.empty(h * w, d, d, device=buf.device)
+            for i in range(0, h * w, 256):
+                mean_c[i:i + 256] = buf[i:i + 256, :n].mean(1, dtype=torch.float64)
+                y = buf[i:i + 256, :n].sub_(mean_c[i:i + 256, None].float()).div_(max(n - 1, 1) ** 0.5)
+                g = y @ y.transpose(1, 2)                              # n x n
+                g.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
+                m = torch.cholesky_inverse(torch.linalg.cholesky(g))
+                inv = self.inv_cov[i:i + 256]
+                inv.copy_(torch.eye(d, device=buf.device))
+                inv.baddbmm_(y.transpose(1, 2), m @ y, alpha=-1).div_(cfg.epsilon)
+                inv.add_(inv.transpose(1, 2).clone()).mul_(0.5)   # exactly symmetric (stored as a triangle)
+        else:
+            fold()
+            mean_c = s1 / n                                            # of the shifted data, float64
+            for i in range(0, h * w, 256):                             # s2 becomes Σ⁻¹, in place
+                m = mean_c[i:i + 256, :, None].float()
+                cov = s2[i:i + 256].baddbmm_(m, m.transpose(1, 2), alpha=-n).div_(max(n - 1, 1))
+                cov.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
+                cov.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
+            self.inv_cov = s2
         del buf
-        mean_c = s1 / n                                            # mean of the shifted data, float64
-        # s2 becomes the inverse covariances, in place, 256 positions at a time: Σ = (S2 − n·m·mᵀ)/(n−1) + εI
-        # on the shifted data (m is small, so float32 loses nothing to cancellation); symmetric positive
-        # definite, so a Cholesky inverse in float32 (entries agree with float64 to ~1e-5 relative,
-        # tested). P·d³ work whatever the number of images: 0.26 s of the smoke fit (2 304 × 100²).
-        # A recursive Schur-complement inverse in batched matmuls was tried: 1.3-2.5x faster at d = 100,
-        # not at d = 550, and 100x less accurate there (4e-3), so LAPACK's Cholesky it is.
-        for i in range(0, h * w, 256):
-            m = mean_c[i:i + 256, :, None].float()
-            cov = s2[i:i + 256].baddbmm_(m, m.transpose(1, 2), alpha=-n).div_(max(n - 1, 1))
-            cov.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
-            cov.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
         self.mean = (ref[:, 0].double() + mean_c).float()
-        self.inv_cov = s2
         self.meta.update({"image_size": ctx.image_size, "grid": list(self.grid), "n_train_images": n})
-        return {"n_train_images": n, "n_positions": h * w, "n_features": d}
+        return {"n_train_images": n, "n_positions": h * w, "n_features": d, "woodbury": float(woodbury)}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
