@@ -17,11 +17,6 @@ from defectlab.config import StrictModel, validate
 from defectlab.errors import DefectlabError
 
 
-class ThresholdParams(StrictModel):
-    rule: str = Field("f1_max", pattern="^(f1_max|fpr)$", description="f1_max | fpr (target false-positive rate)")
-    target_fpr: float = Field(0.05, gt=0, lt=1)
-
-
 class ReproduceParams(StrictModel):
     retries: int = Field(2, ge=0, description="retries per stage (transient failures, e.g. a download)")
     retry_delay_s: float = Field(10.0, ge=0, description="first retry delay; doubles on each retry")
@@ -44,7 +39,6 @@ class RetrainParams(StrictModel):
 
 class FlowsParams(StrictModel):
     retrain: RetrainParams = RetrainParams()
-    threshold: ThresholdParams = ThresholdParams()
     reproduce: ReproduceParams = ReproduceParams()
 
 

@@ -2,14 +2,14 @@
 
 - The model is the registry version holding alias ``champion`` of ``<method>-<dataset>-<category>``
   (downloaded from its MLflow run), not whatever happens to be in models/.
-- The decision threshold is the one stored with that version (tags ``threshold``,
-  ``threshold.rule``, ``threshold.source``, set by the retrain flow from validation scores); a
-  version without one gets it computed now with ``flows.threshold`` and stored.
-- Every file of the folder becomes one CSV row ``path, score, label, threshold, error``:
-  ``label`` is ``anomalous`` (score >= threshold), ``normal``, or ``error`` for a file that cannot
-  be read (the reason is in ``error``; the rest of the batch is scored).
-- A heatmap overlay per scored image goes to ``<out>/heatmaps/``; one MLflow run (stage
-  ``inspect``) logs the counts, the CSV and the overlays.
+- Scoring is ``defectlab.inference`` (the path behind `defectlab predict`): the threshold, the
+  preprocessing and the heatmap colours come from that version's own model.json, and the folder
+  is streamed (one batch in memory).
+- Every file of the folder becomes one CSV row ``path, score, normalized_score, label, threshold,
+  error, heatmap, mask``: ``label`` is ``anomalous`` (score >= threshold), ``normal``, or ``error``
+  for a file that cannot be read (the reason is in ``error``; the rest of the batch is scored).
+- A heatmap overlay and a binary defect mask per scored image go to ``<out>/heatmaps/`` and
+  ``<out>/masks/``; one MLflow run (stage ``inspect``) logs the counts, the CSV and the overlays.
 """
 
 from __future__ import annotations
@@ -19,85 +19,43 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from prefect import flow, get_run_logger, task
 
 from pipelines.common import flows_params, in_dir, setup_tracking
 
 
 @task(name="load-champion")
-def champion_threshold(root: str, method: str, dataset: str, category: str, model_dir: str, alias: str) -> dict:
-    from defectlab import champion, pipeline
-    from defectlab.backbones import resolve_device
-    from defectlab.config import EvalParams, Params
+def load_champion_folder(root: str, method: str, dataset: str, category: str, model_dir: str, alias: str) -> dict:
+    """Download the version holding ``alias`` into ``model_dir``; its threshold is the one in its model.json."""
+    from defectlab import champion
 
-    cfg = flows_params(Path(root)).threshold
+    name = champion.model_name(method, dataset, category)
     with in_dir(Path(root)):
-        params = Params.load("params.yaml")
-        model, mv, folder = champion.load_champion(method, dataset, category, Path(model_dir), resolve_device(params.device), alias)
-        tags = dict(mv.tags or {})
-        if "threshold" not in tags:
-            ev = params.section("evaluation", "eval", EvalParams)
-            data = pipeline.category_data(params, dataset, category)
-            tags.update(champion.threshold_for_model(model, data, params.dataset(dataset).image_size, ev.batch_size,
-                                                     cfg.rule, cfg.target_fpr))
-            champion.tag_version(mv.name, mv.version, {k: tags[k] for k in tags if k.startswith("threshold")})
-    return {"version": mv.version, "name": mv.name, "model_dir": str(folder), "threshold": float(tags["threshold"]),
-            "rule": tags.get("threshold.rule", ""), "source": tags.get("threshold.source", ""),
-            "image_size": params.dataset(dataset).image_size, "device": str(resolve_device(params.device))}
+        mv = champion.get_alias(name, alias)
+        if mv is None:
+            from defectlab.errors import ResourceMissingError
+
+            raise ResourceMissingError(f"registered model {name!r} has no {alias!r} alias; run `dvc repro` (the first "
+                                       f"version becomes champion) or the retrain flow")
+        folder = champion.download_model(mv, Path(model_dir))
+    return {"name": name, "version": str(mv.version), "model_dir": str(folder)}
 
 
 @task(name="score-folder")
-def score_folder(folder: str, info: dict, out_dir: str, batch_size: int = 8) -> list[dict]:
-    import torch
-    from PIL import Image
-
-    from defectlab.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image
-    from defectlab.errors import DatasetError
-    from defectlab.methods import get_method
-    from defectlab.report import overlay
+def score_folder(folder: str, info: dict, out_dir: str, device: str = "auto", batch_size: int = 8) -> dict:
+    """Stream the folder through the model (defectlab.inference): predictions.csv, heatmaps/, masks/."""
+    from defectlab.inference import Detector, OutputWriter, expand_inputs
 
     logger = get_run_logger()
-    import json
-
-    model_dir = Path(info["model_dir"])
-    method = json.loads((model_dir / "model.json").read_text())["method"]
-    model = get_method(method).load(model_dir, info["device"])
-    size, threshold = info["image_size"], info["threshold"]
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
-    rows: list[dict] = []
-    good: list[tuple[int, np.ndarray]] = []
-    for p in files:
-        try:
-            good.append((len(rows), load_image(p, size)))
-            rows.append({"path": str(p), "score": "", "label": "", "threshold": threshold, "error": ""})
-        except (DatasetError, OSError) as err:
-            reason = err.problem if isinstance(err, DatasetError) else str(err)
-            logger.warning("%s: %s", p.name, reason)
-            rows.append({"path": str(p), "score": "", "label": "error", "threshold": threshold, "error": reason})
-    heat_dir = Path(out_dir) / "heatmaps"
-    heat_dir.mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    all_maps, all_idx = [], []
-    with torch.no_grad():
-        for i in range(0, len(good), batch_size):
-            chunk = good[i:i + batch_size]
-            x = torch.stack([(torch.from_numpy(img).permute(2, 0, 1) - mean) / std for _, img in chunk])
-            scores, maps = model.predict(x.to(model.device))
-            for (row_i, _), s, m in zip(chunk, scores.float().cpu().numpy(), maps.float().cpu().numpy()):
-                rows[row_i]["score"] = float(s)
-                rows[row_i]["label"] = "anomalous" if s >= threshold else "normal"
-                all_maps.append(m)
-                all_idx.append(row_i)
-    if all_maps:
-        stack = np.stack(all_maps)
-        lo, hi = float(np.percentile(stack, 1)), float(np.percentile(stack, 99.9))
-        images = dict(good)
-        for row_i, m in zip(all_idx, stack):
-            png = overlay((images[row_i] * 255).astype(np.uint8), (m - lo) / max(hi - lo, 1e-12), None)
-            Image.fromarray(png).save(heat_dir / f"{Path(rows[row_i]['path']).stem}.png")
-    return rows
+    det = Detector(info["model_dir"], device)
+    with OutputWriter(out_dir, det) as writer:
+        for pred in det.predict_files(expand_inputs([folder]), batch_size=batch_size, keep_images=True):
+            writer.write(pred)
+            if pred.error:
+                logger.warning("%s: %s", Path(pred.path).name, pred.error)
+    thr = det.threshold
+    return {"counts": writer.counts, "threshold": thr.get("image"), "rule": thr.get("rule", ""),
+            "source": thr.get("source", "")}
 
 
 @flow(name="inspect", log_prints=True)
@@ -114,16 +72,14 @@ def inspect_flow(folder: str, dataset: str, category: str, method: str | None = 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out_dir = Path(out).resolve() if out else root_p / "reports" / "inspect" / dataset / category / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
+    with in_dir(root_p):
+        device = Params.load("params.yaml").device
     with tempfile.TemporaryDirectory() as model_dir:
-        info = champion_threshold(str(root_p), method, dataset, category, model_dir, alias)
-        rows = score_folder(str(Path(folder).resolve()), info, str(out_dir))
+        info = load_champion_folder(str(root_p), method, dataset, category, model_dir, alias)
+        info.update(score_folder(str(Path(folder).resolve()), info, str(out_dir), device))
     csv_path = out_dir / "predictions.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "score", "label", "threshold", "error"])
-        w.writeheader()
-        w.writerows(rows)
-    counts = {k: sum(r["label"] == k for r in rows) for k in ("anomalous", "normal", "error")}
-    logger.info("%s v%s, threshold %.4g (%s on %s): %s -> %s", info["name"], info["version"], info["threshold"],
+    counts = info["counts"]
+    logger.info("%s v%s, threshold %s (%s on %s): %s -> %s", info["name"], info["version"], info["threshold"],
                 info["rule"], info["source"], counts, csv_path)
     with in_dir(root_p):
         params = Params.load("params.yaml")
@@ -132,9 +88,11 @@ def inspect_flow(folder: str, dataset: str, category: str, method: str | None = 
                                 params={"folder": str(Path(folder).resolve()), "model.name": info["name"],
                                         "model.version": info["version"], "threshold": info["threshold"],
                                         "threshold.rule": info["rule"], "threshold.source": info["source"]}) as run:
-            run.log_metrics({"n_images": len(rows), "n_anomalous": counts["anomalous"], "n_normal": counts["normal"],
-                             "n_errors": counts["error"]})
+            run.log_metrics({"n_images": sum(counts.values()), "n_anomalous": counts["anomalous"],
+                             "n_normal": counts["normal"], "n_errors": counts["error"]})
             run.log_artifacts(csv_path)
             run.log_artifacts(out_dir / "heatmaps", "heatmaps")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     return {"csv": str(csv_path), "heatmaps": str(out_dir / "heatmaps"), "counts": counts, "model": info["name"],
             "version": info["version"], "threshold": info["threshold"], "rows": rows}

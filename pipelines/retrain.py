@@ -171,7 +171,7 @@ def decide_and_promote(root: str, method: str, dataset: str, category: str, chal
                        champion_info: dict | None, validation: dict, stages_rerun: str) -> dict:
     from defectlab import champion, pipeline, tracking
     from defectlab.backbones import resolve_device
-    from defectlab.config import EvalParams, Params
+    from defectlab.config import Params
     from defectlab.methods import get_method
 
     logger = get_run_logger()
@@ -187,17 +187,14 @@ def decide_and_promote(root: str, method: str, dataset: str, category: str, chal
                            f"(has: {', '.join(sorted(metrics))})")
         decision = champion.decide(score, champion_info["score"] if champion_info else None,
                                    metric=rc.metric, margin=rc.margin)
-        ev = params.section("evaluation", "eval", EvalParams)
         model = get_method(method).load(pipeline.Layout().model(method, dataset, category), resolve_device(params.device))
-        data = pipeline.category_data(params, dataset, category)
-        thr = champion.threshold_for_model(model, data, params.dataset(dataset).image_size, ev.batch_size,
-                                           cfg.threshold.rule, cfg.threshold.target_fpr)
+        thr = champion.model_threshold(model)
         champion.apply_decision(name, challenger_version, decision, extra_tags=thr)
         logger.info("%s v%s: %s (%s)", name, challenger_version, "PROMOTED" if decision.promote else "REFUSED",
                     decision.reason)
         with tracking.stage_run("retrain", dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, config=params.tracking,
-                                params={"retrain": rc.model_dump(mode="json"), "threshold": cfg.threshold.model_dump(),
+                                params={"retrain": rc.model_dump(mode="json"), "calibration": params.calibration.model_dump(),
                                         "challenger_version": challenger_version,
                                         "champion_version": champion_info["version"] if champion_info else "none",
                                         "stages_rerun": stages_rerun or "none"}) as run:

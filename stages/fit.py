@@ -1,7 +1,8 @@
 """DVC stage: fit one method on every category of a dataset (memory bank / density / the last step
-on a trained network); each changed model is registered in MLflow as <method>-<dataset>-<category>."""
+on a trained network); each changed model is logged as an MLflow pyfunc model and registered as
+<method>-<dataset>-<category> (its first version becomes `champion`)."""
 
-from defectlab import pipeline
+from defectlab import champion, pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset")
@@ -14,9 +15,13 @@ def body(params, run):
     def each(category, model_dir, stats):
         with run.child(category) as child:
             child.log_metrics(stats)
-            child.log_artifacts(model_dir, "model")
-            child.register_model(f"{args.method}-{args.dataset}-{category}", "model",
-                                 tags={"profile": params.profile}, content_sha256=pipeline.model_sha256(model_dir))
+            name = champion.model_name(args.method, args.dataset, category)
+            data = pipeline.category_data(params, args.dataset, category)
+            example = (data.validation or data.train)[0].path
+            version = child.register_pyfunc(name, model_dir, tags={"profile": params.profile,
+                                                                   **pipeline.card_tags(model_dir)},
+                                            content_sha256=pipeline.model_sha256(model_dir), example_image=example)
+            champion.ensure_champion(name, version)
 
     pipeline.fit_dataset(params, args.method, args.dataset, each=each)
 

@@ -61,6 +61,21 @@ def test_select_threshold_rules():
     assert (normals >= t).mean() <= 0.05 and (normals >= t).mean() >= 0.04
 
 
+def test_malformed_flows_params_are_one_line_not_a_traceback(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from defectlab.cli import app
+
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["flows"]["retrain"]["margin"] = -0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["retrain", "--dataset", "demo", "--category", "weave", "--root", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert "invalid params: flows.retrain.margin" in r.output and "Traceback" not in r.output
+
+
 # ------------------------------------------------------------------------------------ the project
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
@@ -69,7 +84,6 @@ def project(tmp_path_factory):
                         backbone=False,
                         extra={"flows": {"retrain": {"method": "patchcore", "metric": "image_auroc", "margin": 0.02,
                                                      "lock_timeout_s": 2},
-                                         "threshold": {"rule": "f1_max"},
                                          "reproduce": {"retries": 1, "retry_delay_s": 1}}})
     from prefect.testing.utilities import prefect_test_harness
 

@@ -72,6 +72,7 @@ def test_synthesis_is_identical_for_an_unchanged_category(tmp_path, monkeypatch)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["run"]["categories"] = ["weave", "tray"]
     raw["datasets"]["demo"]["categories"] = ["weave", "tray"]
+    raw["datasets"]["demo"]["validation_fraction"] = 0   # every train/good image feeds synthesis here
     raw["synthesis"]["cache"]["smoke"] = {"n": 4, "image_size": 48}
     params = Params(raw)
     layout = pipeline.Layout(tmp_path)

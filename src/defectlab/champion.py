@@ -11,9 +11,9 @@ Every decision is written as tags on the challenger's model version (``decision`
 ``challenger.<metric>``, ``champion.<metric>``, ``margin``) so the registry records why an alias
 moved or did not. The score of a version lives in the version tag ``score.<metric>``.
 
-The image-level decision threshold used by ``inspect`` is chosen on validation scores
-(F1-max or a target false-positive rate) and stored with the model version as tags
-``threshold``, ``threshold.rule`` and ``threshold.source``.
+The image-level decision threshold is chosen on validation images when the model is fitted
+(defectlab.calibration, stored in its model.json); the flows copy it onto the model version as
+tags ``threshold``, ``threshold.rule`` and ``threshold.source``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectlab.calibration import select_threshold  # noqa: F401  (the flows' threshold rules)
 from defectlab.errors import ConfigError, ResourceMissingError
 
 CHAMPION = "champion"
@@ -75,57 +76,15 @@ def decide(challenger_score: float, champion_score: float | None, *, metric: str
 # ---------------------------------------------------------------------------------------------
 # thresholds
 # ---------------------------------------------------------------------------------------------
-def select_threshold(scores, labels, rule: str = "f1_max", target_fpr: float = 0.05) -> float:
-    """Image-score threshold from validation scores: ``f1_max`` (best F1 over all cut points) or
-    ``fpr`` (smallest threshold whose false-positive rate on the normal images is <= target_fpr).
-    A score ``>= threshold`` is labelled anomalous."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(int)
-    if scores.size == 0:
-        raise ConfigError("threshold selection: no validation scores")
-    if rule == "fpr":
-        normal = np.sort(scores[labels == 0])
-        if normal.size == 0:
-            raise ConfigError("threshold rule 'fpr' needs normal validation images")
-        # allow at most floor(target_fpr * n) normal images at or above the threshold
-        k = int(np.floor(target_fpr * normal.size))
-        if k == 0:
-            return float(np.nextafter(normal[-1], np.inf))
-        return float(np.nextafter(normal[-k - 1], np.inf))
-    if rule == "f1_max":
-        if labels.sum() == 0 or labels.sum() == labels.size:
-            raise ConfigError("threshold rule 'f1_max' needs normal and anomalous validation images")
-        best_t, best_f1 = float(scores.max()), -1.0
-        for t in np.unique(scores):
-            pred = scores >= t
-            tp = float(np.sum(pred & (labels == 1)))
-            fp = float(np.sum(pred & (labels == 0)))
-            fn = float(np.sum(~pred & (labels == 1)))
-            f1 = 2 * tp / max(2 * tp + fp + fn, 1e-12)
-            if f1 > best_f1:
-                best_t, best_f1 = float(t), f1
-        return best_t
-    raise ConfigError(f"flows.threshold.rule: must be 'f1_max' or 'fpr' (got {rule!r})")
-
-
-def validation_samples(data) -> tuple[list, str]:
-    """The samples a threshold is chosen on: the category's validation split when it has one
-    (with both labels, or normals only for the ``fpr`` rule), else the test split (recorded as the
-    threshold's source so nobody mistakes it for an unbiased estimate)."""
-    if data.validation:
-        return list(data.validation), "validation"
-    return list(data.test), "test"
-
-
-def threshold_for_model(model, data, image_size: int, batch_size: int, rule: str, target_fpr: float) -> dict:
-    """Score the validation samples with ``model`` and pick the threshold."""
-    from defectlab.methods.base import make_loader
-
-    samples, source = validation_samples(data)
-    out = model.predict_loader(make_loader(samples, image_size, batch_size))
-    t = select_threshold(out["scores"], out["labels"], rule=rule, target_fpr=target_fpr)
-    return {"threshold": t, "threshold.rule": rule if rule != "fpr" else f"fpr<={target_fpr}",
-            "threshold.source": source, "threshold.n": int(len(samples))}
+def model_threshold(model) -> dict:
+    """The image threshold the model's own model.json holds (chosen on validation images at fit
+    time, defectlab.calibration), as the registry tags the flows write."""
+    t = model.card.get("threshold") or {}
+    if t.get("image") is None:
+        raise ResourceMissingError(f"{model.name} model has no threshold in its model.json "
+                                   f"({t.get('reason', 'fitted before model.json format 2')}); refit it (dvc repro)")
+    return {"threshold": t["image"], "threshold.rule": t.get("rule", ""), "threshold.source": t.get("source", ""),
+            "threshold.n": int(t.get("n_normal", 0)) + int(t.get("n_anomalous", 0))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,16 +142,23 @@ def apply_decision(name: str, challenger_version: str | int, decision: Decision,
         client.set_registered_model_alias(name, CHAMPION, str(challenger_version))
 
 
-def download_model(mv, dst: Path) -> Path:
-    """Download a model version's files (model.json + model.safetensors) into ``dst``; returns the folder."""
-    import mlflow
+def ensure_champion(name: str, version: str | int | None) -> bool:
+    """Give ``champion`` to ``version`` when the model has no champion yet (its first registered
+    version, so `predict models:/<name>@champion` works right after `dvc repro`); later versions
+    only move it through the retrain flow. Returns whether the alias was set."""
+    if version is None or get_alias(name, CHAMPION) is not None:
+        return False
+    _client().set_registered_model_alias(name, CHAMPION, str(version))
+    tag_version(name, version, {"decision": "first version", "decision.reason": "no champion before it"})
+    return True
 
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst)))
-    if not (local / "model.json").exists():
-        raise ResourceMissingError(f"model version {mv.name} v{mv.version}: no model.json at {mv.source}")
-    return local
+
+def download_model(mv, dst: Path) -> Path:
+    """Download a model version (the MLflow pyfunc model, or a plain model folder logged as
+    artifacts) into ``dst``; returns the folder holding model.json."""
+    from defectlab.inference import resolve
+
+    return resolve(f"models:/{mv.name}/{mv.version}", cache_dir=dst)
 
 
 def load_champion(method: str, dataset: str, category: str, dst: Path, device="cpu", alias: str = CHAMPION):

@@ -54,6 +54,74 @@ def benchmark(
 
 
 @app.command()
+def predict(
+    model: str = typer.Argument(..., help="model folder (models/<method>/<ds>/<cat>) or MLflow URI models:/<name>@<alias>"),
+    inputs: list[str] = typer.Argument(..., help="image files, folders or glob patterns"),
+    out: Optional[Path] = typer.Option(None, help="write predictions.csv, heatmaps/ and masks/ here"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per image instead of a text line"),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    heatmaps: bool = typer.Option(True, help="write heatmap overlays to OUT/heatmaps/"),
+) -> None:
+    """Score images with a fitted model: one line per image (path, score, normalised score, label at
+    the model's threshold); unreadable files are reported and the rest scored. Streams: one batch in memory."""
+    from defectlab.inference import OutputWriter, expand_inputs, load
+
+    try:
+        det = load(model, device=device)
+        writer = OutputWriter(out, det, heatmaps=heatmaps) if out else None
+        t = det.threshold.get("image")
+        typer.echo(f"# {det.name}: threshold {t if t is None else f'{t:.6g}'} ({det.threshold.get('rule')}, "
+                   f"{det.threshold.get('source')}), {det.image_size} px {det.resize}", err=True)
+        for pred in det.predict_files(expand_inputs(inputs), batch_size=batch_size, keep_images=bool(out and heatmaps)):
+            row = writer.write(pred) if writer else pred.as_dict()
+            if as_json:
+                typer.echo(json.dumps(row))
+            elif pred.error:
+                typer.echo(f"{pred.path}\terror\t{pred.error}")
+            else:
+                norm = "-" if pred.normalized_score is None else f"{pred.normalized_score:.4f}"
+                typer.echo(f"{pred.path}\t{pred.score:.6g}\t{norm}\t{pred.label or '-'}")
+        if writer:
+            writer.close()
+            typer.echo(f"# {writer.counts} -> {out / 'predictions.csv'}", err=True)
+    except DefectlabError as err:
+        _fail(err)
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="model folder or MLflow URI models:/<name>@<alias>"),
+    format: str = typer.Option("onnx", "--format", help="onnx"),
+    out: Path = typer.Option(..., help="output file, e.g. weave.onnx"),
+    check: bool = typer.Option(True, help="run the export with onnxruntime on random images and compare with torch"),
+) -> None:
+    """Export a fitted model as one graph: image batch in [0, 1] -> image scores + anomaly maps."""
+    from defectlab.errors import ConfigError
+    from defectlab.inference import resolve
+
+    try:
+        if format != "onnx":
+            raise ConfigError(f"--format: only 'onnx' is supported (got {format!r})")
+        from defectlab.export import export_onnx
+
+        folder = resolve(model)
+        facts = export_onnx(folder, out)
+        if check:
+            import numpy as np
+
+            from defectlab.export import verify_onnx
+
+            size = json.loads((folder / "model.json").read_text())["preprocess"]["image_size"]
+            rng = np.random.default_rng(0)
+            v = verify_onnx(folder, out, rng.random((2, 3, size, size), dtype=np.float32))
+            facts.update({k: v[k] for k in v if not hasattr(v[k], "shape")})
+    except DefectlabError as err:
+        _fail(err)
+    typer.echo(json.dumps(facts, indent=2, default=str))
+
+
+@app.command()
 def bench(
     root: Optional[Path] = typer.Option(None, help="MVTec-format folder (default: generate demo data)"),
     category: str = typer.Option("grain", help="category under ROOT (or demo category)"),
@@ -221,10 +289,16 @@ def retrain_cmd(
     root = _flows(root)
     from pipelines.retrain import retrain_flow, serve as serve_flow
 
-    if serve:
-        serve_flow(dataset, category, method, str(root), cron)
-        return
-    result = retrain_flow(dataset=dataset, category=category, method=method, root=str(root))
+    from pipelines.common import flows_params
+
+    try:
+        flows_params(root)          # a malformed flows: section is one line, before anything runs
+        if serve:
+            serve_flow(dataset, category, method, str(root), cron)
+            return
+        result = retrain_flow(dataset=dataset, category=category, method=method, root=str(root))
+    except DefectlabError as err:
+        _fail(err)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -242,11 +316,18 @@ def inspect_cmd(
     root = _flows(root)
     from pipelines.inspect import inspect_flow
 
-    result = inspect_flow(folder=str(folder), dataset=dataset, category=category, method=method, root=str(root),
-                          out=str(out) if out else None, alias=alias)
+    try:
+        result = inspect_flow(folder=str(folder), dataset=dataset, category=category, method=method, root=str(root),
+                              out=str(out) if out else None, alias=alias)
+    except DefectlabError as err:
+        _fail(err)
     result.pop("rows", None)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover  (python -m defectlab.cli)
+    main()

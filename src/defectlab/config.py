@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import model_validator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import model_validator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from defectlab.errors import ConfigError
 
@@ -36,14 +36,44 @@ class StrictModel(BaseModel):
 
 
 class DatasetParams(StrictModel):
-    source: str = Field(description="'demo' (generated) or a registry name such as 'mvtec_ad'")
-    root: str | None = Field(None, description="folder with the raw/extracted dataset (public sets)")
+    """``datasets.<name>`` in params.yaml: where a dataset comes from and how its images are read.
+
+    ``source``: ``demo`` (generated), ``folder`` (any MVTec-format tree at ``root``, linked into
+    data/prepared/<name>, see defectlab.data.folder) or a registry name such as ``mvtec_ad``
+    (downloaded / converted, see defectlab.data.registry). ``resize``: how a non-square image
+    becomes ``image_size`` x ``image_size`` (defectlab.data.transform). ``validation_fraction`` /
+    ``min_validation``: the normal images held out of ``train/good`` when a category has no
+    ``validation/good`` (defectlab.data.split). ``masks: optional`` accepts defective test images
+    without a ground-truth mask (their category's pixel metrics are then null).
+    """
+
+    source: str = Field(description="'demo' (generated), 'folder' (an MVTec-format tree at root) or a "
+                                    "registry name such as 'mvtec_ad'")
+    root: str | None = Field(None, validate_default=True,
+                             description="folder with the raw/extracted dataset (registry sources) or the "
+                                         "MVTec-format tree itself (source: folder)")
     categories: list[str]
     texture_categories: list[str] = Field(default_factory=list, description="no foreground: whole image is texture")
     image_size: int = Field(128, ge=16, le=2048)
+    resize: Literal["squash", "shorter_side_crop", "pad"] = Field(
+        "squash", description="squash: plain resize; shorter_side_crop: shorter side to image_size, centre "
+                              "crop; pad: longer side to image_size, padded with the ImageNet mean colour")
+    validation_fraction: float = Field(0.15, ge=0, lt=1, description="share of train/good held out for "
+                                                                     "validation when validation/good is absent")
+    min_validation: int = Field(4, ge=0, description="at least this many held out (fraction > 0)")
+    masks: Literal["required", "optional"] = Field(
+        "required", description="optional: a defective test image may have no mask (pixel metrics null)")
     generator: dict[str, Any] = Field(default_factory=dict)
     download: bool = False
     insecure_skip_checksum: bool = Field(False, description="accept an archive that has no published checksum")
+
+    @field_validator("root")
+    @classmethod
+    def _folder_needs_root(cls, root, info: ValidationInfo):
+        if info.data.get("source") == "folder" and not root:
+            raise ValueError("required for source 'folder': the MVTec-format folder to prepare "
+                             "(<root>/<category>/train/good, test/<kind>, ground_truth/<kind>)")
+        return root
 
 
 class SynthesisParams(StrictModel):
@@ -59,6 +89,15 @@ class EvalParams(StrictModel):
     max_fpr_pro: float = Field(0.3, gt=0, le=1)
     max_fpr_spro: float = Field(0.05, gt=0, le=1)
     n_overlays: int = Field(8, ge=0)
+
+
+class CalibrationParams(StrictModel):
+    """``calibration`` in params.yaml: how `fit` picks the model's threshold on validation images
+    (defectlab.calibration)."""
+
+    rule: Literal["auto", "f1_max", "fpr"] = "auto"
+    target_fpr: float = Field(0.01, ge=0, lt=1, description="share of normal validation images flagged (rule fpr)")
+    pixel_target_fpr: float = Field(0.001, gt=0, lt=1, description="share of normal validation pixels flagged")
 
 
 class RunParams(StrictModel):
@@ -125,6 +164,7 @@ class Params:
         self.device: str = device
         self.run = validate(RunParams, raw.get("run", {}), "run")
         self.tracking: dict = raw.get("tracking", {}) or {}
+        self.calibration = validate(CalibrationParams, raw.get("calibration", {}) or {}, "calibration")
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml", profile: str | None = None) -> "Params":

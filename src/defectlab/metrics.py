@@ -14,6 +14,10 @@ Region level:
   saturation area s_d: the overlap counts min(1, |d ∩ {map ≥ t}| / s_d); integrated up to
   ``max_fpr`` (0.05) and normalised likewise.
 
+A metric that cannot be computed is ``None`` with the reason in ``warnings`` (never NaN): one
+class only, or, for every pixel-level metric, an anomalous image without a ground-truth mask
+(``masks: optional`` folders; ``has_mask``).
+
 Curves are computed with one sort of all pixel scores and cumulative sums (ties grouped into one
 threshold step) — no loop over thresholds.
 """
@@ -144,12 +148,30 @@ def spro(masks_by_defect, maps, max_fpr: float = 0.05) -> float:
     return _integrate(fpr, pro, max_fpr)
 
 
-def compute_all(labels, scores, masks, maps, *, max_fpr_pro: float = 0.3) -> dict:
-    """Every metric; those that need both classes are None (with a reason in ``warnings``)."""
+def missing_masks(labels, has_mask) -> int:
+    """How many anomalous images have no ground-truth mask (``has_mask`` False; None: none)."""
+    if has_mask is None:
+        return 0
+    return int(np.sum((np.asarray(labels).astype(int) == 1) & ~np.asarray(has_mask, dtype=bool)))
+
+
+def compute_all(labels, scores, masks, maps, *, max_fpr_pro: float = 0.3, has_mask=None) -> dict:
+    """Every metric; those that cannot be computed are None with the reason in ``warnings``:
+    image and pixel metrics need both classes; pixel metrics also need the mask of every anomalous
+    image (``has_mask``: per image, False for an anomalous image without ground truth, as a
+    folder with ``masks: optional`` has; its all-zero mask would count its defect as normal)."""
     out = image_metrics(labels, scores)
     warnings = []
     if out["image_auroc"] is None:
         warnings.append("image metrics need normal and anomalous test images; only one class present")
+    missing = missing_masks(labels, has_mask)
+    if missing:
+        n_anomalous = int(np.sum(np.asarray(labels).astype(int) == 1))
+        warnings.append(f"pixel metrics need a ground-truth mask for every anomalous test image; {missing} of "
+                        f"{n_anomalous} have none (masks: optional)")
+        out.update({"pixel_auroc": None, "pixel_ap": None, "pixel_f1_max": None, "aupro": None})
+        out["warnings"] = warnings
+        return out
     out.update(pixel_metrics(masks, maps))
     masks = np.asarray(masks, dtype=bool)
     if out["pixel_auroc"] is None:
@@ -168,20 +190,22 @@ def _thin(rows: list[dict], n: int = 200) -> list[dict]:
     return [rows[i] for i in idx]
 
 
-def curves(labels, scores, masks, maps, max_fpr_pro: float = 0.3) -> dict[str, list[dict]]:
-    """ROC / PR (image and pixel) and PRO curves, ≤ 200 points each, for DVC plots."""
+def curves(labels, scores, masks, maps, max_fpr_pro: float = 0.3, has_mask=None) -> dict[str, list[dict]]:
+    """ROC / PR (image and pixel) and PRO curves, ≤ 200 points each, for DVC plots (pixel curves
+    only when every anomalous image has its mask, see ``compute_all``)."""
     out: dict[str, list[dict]] = {}
     labels = np.asarray(labels).astype(int)
+    pixels = not missing_masks(labels, has_mask)
     y = np.asarray(masks, dtype=bool).ravel()
     s = np.asarray(maps, dtype=np.float32).ravel()
     for level, (yy, ss) in {"image": (labels, np.asarray(scores)), "pixel": (y, s)}.items():
-        if not _two_classes(yy):
+        if not _two_classes(yy) or (level == "pixel" and not pixels):
             continue
         fpr, tpr, _ = roc_curve(yy, ss)
         out[f"roc_{level}"] = _thin([{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)])
         p, r, _ = precision_recall_curve(yy, ss)
         out[f"pr_{level}"] = _thin([{"recall": float(a), "precision": float(b)} for a, b in zip(r, p)])
-    if _two_classes(y):
+    if pixels and _two_classes(y):
         fpr, pro = pro_curve(masks, maps, max_fpr_pro)
         keep = fpr <= max_fpr_pro
         out["pro"] = _thin([{"fpr": float(a), "pro": float(b)} for a, b in zip(fpr[keep], pro[keep])])

@@ -1,6 +1,6 @@
 """The pipeline's steps as library functions; ``stages/*.py`` are thin wrappers around them.
 
-Paths (relative to the repository root, see ARCHITECTURE.md):
+Paths (relative to the repository root, see docs/architecture.md):
 
     data/prepared/<ds>/<cat>/            MVTec layout (+ data/prepared/<ds>/manifest.csv)
     data/synth/<ds>/<cat>/               synthetic anomalies (images/, masks/, index.csv)
@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from defectlab.config import EvalParams, Params, SynthesisParams
+from defectlab.data.transform import resize_mode
 from defectlab.io import atomic_dir, sha256_file, write_json
 
 
@@ -78,14 +79,27 @@ class Layout:
 
 
 def model_sha256(model_dir: Path) -> str:
-    """Identity of a fitted model: its tensors and its config (not the run's timings in the meta)."""
+    """Identity of a fitted model: its tensors, config, preprocessing and threshold (not the run's
+    timings in the meta, not the library versions)."""
     import hashlib
     import json
 
     info = json.loads((Path(model_dir) / "model.json").read_text())
     key = {"method": info.get("method"), "config": info.get("config"),
-           "tensors": sha256_file(Path(model_dir) / "model.safetensors")}
+           "tensors": sha256_file(Path(model_dir) / "model.safetensors"),
+           **{k: info[k] for k in ("preprocess", "threshold", "normalization") if k in info}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def card_tags(model_dir: Path) -> dict:
+    """model.json's threshold and data version as registry tags (what the MLflow UI shows)."""
+    import json
+
+    info = json.loads((Path(model_dir) / "model.json").read_text())
+    thr, data = info.get("threshold") or {}, info.get("data") or {}
+    tags = {"threshold": thr.get("image"), "threshold.rule": thr.get("rule"), "threshold.source": thr.get("source"),
+            "data.manifest_sha256": data.get("manifest_sha256"), "data.n_train": data.get("n_train")}
+    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def peak_rss_mb() -> float:
@@ -97,40 +111,92 @@ def peak_rss_mb() -> float:
 # prepare
 # ---------------------------------------------------------------------------------------------
 def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
-    """Materialise a dataset in MVTec layout under data/prepared/<ds> and validate every category."""
+    """Materialise a dataset in MVTec layout under data/prepared/<ds> and validate every category.
+
+    Sources (``datasets.<ds>.source``): ``demo`` (generated), ``folder`` (the listed categories of
+    ``root`` validated, then hard-linked or copied: ``defectlab.data.folder``) or a registry name
+    (fetched and converted, only the listed categories: ``defectlab.data.registry``). Everything
+    is built in a temporary folder next to data/prepared/<ds> and renamed into place only after
+    every file of every listed category passed ``scan_category`` + ``verify_samples`` (each
+    image decoded once); a bad file leaves the previous version as it was.
+
+    Writes ``manifest.csv`` (every file: category, split = train | validation | test, path,
+    label, defect_type, kind, masks, sha256) and the same rows per category in
+    ``<cat>/manifest.csv``: the per-category stages depend on ``data/prepared/<ds>/<cat>`` only,
+    and a change in one category's files leaves every other category's folder byte-identical.
+    ``validation`` rows are ``validation/good`` or the images ``data.split`` holds out of
+    ``train/good``. Returns per category: ``train`` (files in train/good), ``validation``,
+    ``test`` and ``link_mode`` (hardlink | copy | hardlink+copy | generated).
+    """
     from defectlab.data import scan_category, verify_samples
+    from defectlab.data.split import hold_out_validation
 
     spec = params.dataset(dataset)
     out = layout.prepared(dataset)
+    masks_optional = spec.masks == "optional"
     with atomic_dir(out) as tmp:
+        verified: set[Path] = set()        # files already decoded (source: folder validates its root first)
         if spec.source == "demo":
             from defectlab.data.demo import generate_demo
 
             generate_demo(tmp, seed=params.seed, categories=spec.categories, **spec.generator)
+            modes = dict.fromkeys(spec.categories, "generated")
+        elif spec.source == "folder":
+            from defectlab.data.folder import import_folder
+            from defectlab.errors import ConfigError
+
+            root = layout.root / spec.root
+            if root.resolve().is_relative_to(out.resolve()):
+                raise ConfigError(f"datasets.{dataset}.root: {root} is inside the prepared output {out}")
+            report = import_folder(root, tmp, spec.categories, masks_optional=masks_optional)
+            modes = {cat: r["link_mode"] for cat, r in report.items()}
+            verified = {p for r in report.values() for p in r["placed"]}
+            write_json(tmp / "SOURCE.json", {"source": "folder", "root": str(root.resolve()), "link_mode": modes})
         else:
             from defectlab.data.registry import prepare_dataset
 
-            prepare_dataset(spec.source, Path(spec.root or f"data/raw/{spec.source}"), tmp, download=spec.download,
+            prepare_dataset(spec.source, layout.root / (spec.root or f"data/raw/{spec.source}"), tmp,
+                            download=spec.download, categories=spec.categories,
                             insecure_skip_checksum=spec.insecure_skip_checksum)
+            modes = {cat: _link_mode_of(tmp / cat) for cat in spec.categories}
         merge_accepted(params, dataset, spec.categories, tmp, layout)
-        rows = []
+        rows, summary = [], {}
         for cat in spec.categories:
-            data = scan_category(tmp, cat)
-            verify_samples([*data.train, *data.validation, *data.test])   # decode every file once: fail here, not later
-            for split, samples in (("train", data.train), ("test", data.test), ("validation", data.validation)):
-                for s in samples:
-                    rows.append({"category": cat, "split": split, "path": s.path.relative_to(tmp).as_posix(),
-                                 "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
-                                 "masks": ";".join(m.relative_to(tmp).as_posix() for m in s.mask_paths),
-                                 "sha256": sha256_file(s.path)})
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    summary = {cat: {"train": sum(1 for r in rows if r["category"] == cat and r["split"] == "train"),
-                     "test": sum(1 for r in rows if r["category"] == cat and r["split"] == "test")}
-               for cat in spec.categories}
+            data = scan_category(tmp, cat, masks_optional=masks_optional)
+            samples = [*data.train, *data.validation, *data.test]
+            verify_samples([s for s in samples if not {s.path, *s.mask_paths} <= verified])   # fail here, not later
+            split = hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
+            cat_rows = [{"category": cat, "split": name, "path": s.path.relative_to(tmp).as_posix(),
+                         "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
+                         "masks": ";".join(m.relative_to(tmp).as_posix() for m in s.mask_paths),
+                         "sha256": sha256_file(s.path)}
+                        for name, part in (("train", split.train), ("test", split.test),
+                                           ("validation", split.validation)) for s in part]
+            _write_manifest(tmp / cat / "manifest.csv", cat_rows)
+            rows += cat_rows
+            summary[cat] = {"train": len(data.train), "validation": len(split.validation), "test": len(data.test),
+                            "link_mode": modes[cat]}
+        _write_manifest(tmp / "manifest.csv", rows)
     return summary
+
+
+MANIFEST_FIELDS = ("category", "split", "path", "label", "defect_type", "kind", "masks", "sha256")
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _link_mode_of(folder: Path) -> str:
+    """How a converter placed a category's images: hardlink (shared with data/raw), copy, or both."""
+    from defectlab.data.folder import link_mode
+
+    return link_mode({"hardlink" if p.stat().st_nlink > 1 else "copy" for p in folder.rglob("*") if p.is_file()
+                      and p.suffix.lower() != ".json"})
+
 
 
 def accepted_dir(params: Params, layout: Layout = Layout()) -> Path:
@@ -141,8 +207,9 @@ def accepted_dir(params: Params, layout: Layout = Layout()) -> Path:
 
 def merge_accepted(params: Params, dataset: str, categories, out: Path, layout: Layout = Layout()) -> int:
     """Add the images the retrain flow accepted (``<accepted_dir>/<ds>/<cat>/``) to the prepared
-    training sets, so a rerun of `prepare` keeps every data version the flow recorded."""
-    import shutil
+    training sets, so a rerun of `prepare` keeps every data version the flow recorded. A file of
+    the same name is replaced, never written through: it may be a hard link to the user's folder."""
+    from defectlab.data.convert import place
 
     n = 0
     for cat in categories:
@@ -150,20 +217,29 @@ def merge_accepted(params: Params, dataset: str, categories, out: Path, layout: 
         if src.is_dir():
             for p in sorted(src.iterdir()):
                 if p.is_file() and not p.name.startswith("."):
-                    shutil.copy2(p, out / cat / "train" / "good" / p.name)
+                    dst = out / cat / "train" / "good" / p.name
+                    dst.unlink(missing_ok=True)
+                    place(p, dst)
                     n += 1
     return n
 
 
+
 def category_data(params: Params, dataset: str, category: str, layout: Layout = Layout()):
+    """The prepared category as the stages see it: ``masks: optional`` applied, and, when it has no
+    ``validation/good``, the validation images held out of ``train/good`` (``data.split``, with
+    ``datasets.<ds>.validation_fraction`` / ``min_validation`` and the params seed), so fitting
+    never sees them. The same split as the ``validation`` rows of prepare's manifests."""
     from defectlab.data import scan_category
+    from defectlab.data.split import hold_out_validation
 
     spec = params.dataset(dataset)
     if category not in spec.categories:
         from defectlab.errors import ConfigError
 
         raise ConfigError(f"unknown category {category!r} for dataset {dataset!r}; valid: {', '.join(spec.categories)}")
-    return scan_category(layout.prepared(dataset), category)
+    data = scan_category(layout.prepared(dataset), category, masks_optional=spec.masks == "optional")
+    return hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +297,8 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
                               work_dir=layout.root / "work" / method / dataset / "pretrain")
         seed_everything(params.seed)
         # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
-        stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
+        with resize_mode(spec.resize):
+            stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
         write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
     return stats
@@ -244,7 +321,8 @@ def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), prog
                               device=resolve_device(params.device), progress=progress,
                               work_dir=layout.root / "work" / "backbone" / dataset / "ds2")
         seed_everything(params.seed)
-        stats = cls.pretrain(cfg, ctx) or {}
+        with resize_mode(spec.resize):
+            stats = cls.pretrain(cfg, ctx) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
         write_json(tmp / "pretrain.json", {"method": "ds2", "dataset": dataset, "stats": stats})
     return stats
@@ -310,7 +388,7 @@ def train(params: Params, method: str, dataset: str, category: str, layout: Layo
     seed_everything(params.seed)
     model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
-    with atomic_dir(layout.trained(method, dataset, category)) as tmp:
+    with atomic_dir(layout.trained(method, dataset, category)) as tmp, resize_mode(params.dataset(dataset).resize):
         stats = model.train(ctx) or {}
         stats["train_seconds"] = time.perf_counter() - t0
         stats["peak_rss_mb_train"] = peak_rss_mb()
@@ -348,12 +426,51 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
     seed_everything(params.seed)
     model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
-    stats = model.fit(ctx) or {}
-    stats["fit_seconds"] = time.perf_counter() - t0
-    stats["peak_rss_mb_fit"] = peak_rss_mb()
-    model.meta["fit"] = stats
+    with resize_mode(params.dataset(dataset).resize):
+        stats = model.fit(ctx) or {}
+        stats["fit_seconds"] = time.perf_counter() - t0
+        stats["peak_rss_mb_fit"] = peak_rss_mb()
+        model.meta["fit"] = stats
+        model.card = model_card(params, model, dataset, category, ctx.data, layout)
     model.save(out_dir or layout.model(method, dataset, category))
     return model, stats
+
+
+def model_card(params: Params, model, dataset: str, category: str, data, layout: Layout = Layout()) -> dict:
+    """model.json's deployment blocks (``methods.base.CARD_KEYS``): preprocessing, the threshold and
+    score normalisation chosen on the category's validation images (never test), the data version
+    the model was fitted on and the library versions. What `defectlab predict`, the MLflow pyfunc
+    model and the ONNX export read instead of params.yaml."""
+    import hashlib
+
+    from defectlab.calibration import calibrate
+    from defectlab.data import IMAGENET_MEAN, IMAGENET_STD
+    from defectlab.methods.base import make_loader
+    from defectlab.tracking import versions
+
+    spec = params.dataset(dataset)
+    cal = params.calibration
+    card = {"preprocess": {"image_size": spec.image_size, "resize": spec.resize,
+                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "RGB"},
+            "versions": versions()}
+    rows = []
+    manifest = layout.prepared(dataset) / "manifest.csv"
+    if manifest.exists():
+        with open(manifest, newline="") as f:
+            rows = [f"{r['split']}|{r['path']}|{r['sha256']}" for r in csv.DictReader(f) if r["category"] == category]
+    card["data"] = {"dataset": dataset, "category": category, "n_train": len(data.train),
+                    "n_validation": len(data.validation),
+                    "manifest_sha256": hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest() if rows else None}
+    if not data.validation:
+        card["threshold"] = {"image": None, "pixel": None, "source": None,
+                             "reason": "no validation images (validation/good is absent and "
+                                       f"datasets.{dataset}.validation_fraction is 0)"}
+        return card
+    ev = params.section("evaluation", "eval", EvalParams)
+    out = model.predict_loader(make_loader(data.validation, spec.image_size, ev.batch_size))
+    card.update(calibrate(out["scores"], out["labels"], out["maps"], rule=cal.rule, target_fpr=cal.target_fpr,
+                          pixel_target_fpr=cal.pixel_target_fpr, source="validation"))
+    return card
 
 
 def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
@@ -411,25 +528,57 @@ def defects_for_spro(samples, size: int) -> list[list[tuple[np.ndarray, float]]]
 
 
 def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None) -> tuple[dict, dict]:
-    """All metrics (overall and per defect kind) and the curves for plots."""
+    """All metrics and the curves for plots: overall, per defect type (``<metric>_<type>``, the
+    test/<type> folder name) and per defect kind from defects.json (``<metric>_structural``,
+    ``_logical``; a type defects.json does not list has kind ``unknown``, which gets no keys of
+    its own), each on the good images plus that subset's anomalies.
+
+    Pixel metrics need the ground truth of every anomalous image: with ``masks: optional`` an
+    anomalous image without a mask (``out["has_mask"]``, else its Sample in ``samples``) makes
+    the pixel metrics (pixel_*, aupro, spro) of every subset holding it ``None``, with the reason
+    in ``warnings``; the image metrics are computed as usual."""
     from defectlab.metrics import compute_all, curves, spro
 
     labels, scores, masks, maps = out["labels"], out["scores"], out["masks"], out["maps"]
-    metrics = compute_all(labels, scores, masks, maps, max_fpr_pro=ev.max_fpr_pro)
-    if samples is not None and metrics.get("pixel_auroc") is not None:
-        defects = defects_for_spro(samples, size or maps.shape[-1])
-        metrics["spro"] = spro(defects, maps, max_fpr=ev.max_fpr_spro)
-        kinds_ = np.asarray(out["kinds"])
-        for kind in sorted(set(kinds_) - {"good"}):
-            sel = [i for i, k in enumerate(kinds_) if k in ("good", kind)]
-            metrics[f"spro_{kind}"] = spro([defects[i] for i in sel], maps[sel], max_fpr=ev.max_fpr_spro)
+    has_mask = _mask_available(out, samples)
+    metrics = compute_all(labels, scores, masks, maps, max_fpr_pro=ev.max_fpr_pro, has_mask=has_mask)
     kinds = np.asarray(out["kinds"])
-    for kind in sorted(set(kinds) - {"good"}):
-        sel = (kinds == "good") | (kinds == kind)
-        sub = compute_all(labels[sel], scores[sel], masks[sel], maps[sel], max_fpr_pro=ev.max_fpr_pro)
+    types = np.asarray(out.get("defect_types", out["kinds"]))
+    subsets = {t: (types == "good") | (types == t) for t in sorted(set(types) - {"good"})}
+    subsets.update({k: (kinds == "good") | (kinds == k) for k in sorted(set(kinds) - {"good", "unknown"})})
+    defects: list = []
+
+    def spro_of(idx) -> float:                 # per-defect masks read once, when first needed
+        if not defects:
+            defects.extend(defects_for_spro(samples, size or maps.shape[-1]))
+        return spro([defects[i] for i in idx], maps[idx], max_fpr=ev.max_fpr_spro)
+
+    if samples is not None:
+        metrics["spro"] = spro_of(np.arange(len(labels))) if metrics.get("pixel_auroc") is not None else None
+    for name, sel in subsets.items():
+        sub = compute_all(labels[sel], scores[sel], masks[sel], maps[sel], max_fpr_pro=ev.max_fpr_pro,
+                          has_mask=None if has_mask is None else has_mask[sel])
         for key in ("image_auroc", "pixel_auroc", "aupro"):
-            metrics[f"{key}_{kind}"] = sub.get(key)
-    return metrics, curves(labels, scores, masks, maps)
+            metrics[f"{key}_{name}"] = sub.get(key)
+        if samples is not None and name in kinds:
+            metrics[f"spro_{name}"] = spro_of(np.flatnonzero(sel)) if sub.get("pixel_auroc") is not None else None
+    return metrics, curves(labels, scores, masks, maps, has_mask=has_mask)
+
+
+def _mask_available(out: dict, samples) -> np.ndarray | None:
+    """Per scored image: False for an anomalous image without ground truth (``masks: optional``),
+    from ``out["has_mask"]`` or else the matching Sample (by path); None when unknown (all have)."""
+    labels = np.asarray(out["labels"]).astype(int)
+    if "has_mask" in out:
+        has = np.asarray(out["has_mask"], dtype=bool)
+    elif samples is not None:
+        by_path = {str(s.path): bool(s.mask_paths) for s in samples}
+        paths = out.get("paths")
+        paths = [str(s.path) for s in samples] if paths is None else paths
+        has = np.array([by_path.get(str(p), True) for p in paths], dtype=bool)
+    else:
+        return None
+    return has | (labels == 0)
 
 
 def evaluate(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
@@ -447,8 +596,9 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     model_dir = layout.model(method, dataset, category)
     if model is None:
         model = get_method(method).load(model_dir, device)
-    out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
-    metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size)
+    with resize_mode(spec.resize):
+        out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
+        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size)
     fit_stats = model.meta.get("fit", {})
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
                     "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
@@ -459,7 +609,7 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     write_json(Path(dest["metrics"]) / f"{category}.json", metrics)
     for curve in CURVES:   # every curve file exists (empty when the curve is undefined, e.g. one class)
         write_json(Path(dest["plots"][curve]) / f"{category}.json", curve_data.get(curve, []))
-    with atomic_dir(Path(dest["maps"]) / category) as tmp:
+    with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(spec.resize):
         write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
     return metrics
 
@@ -494,8 +644,11 @@ def evaluate_dataset(params: Params, method: str, dataset: str, layout: Layout =
 # benchmark: one method on any MVTec-format folder, outside the DVC pipeline
 # ---------------------------------------------------------------------------------------------
 def benchmark(params: Params, method: str, root: Path, category: str, out_dir: Path, *,
-              image_size: int | None = None, progress: bool = True) -> dict:
-    """Fit + evaluate ``method`` on ``root/category``; write out_dir/metrics.json and out_dir/maps/."""
+              image_size: int | None = None, resize: str = "squash", masks_optional: bool = False,
+              progress: bool = True) -> dict:
+    """Fit + evaluate ``method`` on ``root/category``; write out_dir/metrics.json and out_dir/maps/.
+    ``resize``: how non-square images become image_size x image_size (data.transform);
+    ``masks_optional``: accept defective test images without a mask (their pixel metrics: null)."""
     from defectlab.backbones import resolve_device
     from defectlab.data import scan_category
     from defectlab.methods.base import FitContext, PretrainContext
@@ -504,11 +657,11 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
     cls, cfg = load_method_config(params, method)
     ev = params.section("evaluation", "eval", EvalParams)
     device = resolve_device(params.device)
-    data = scan_category(root, category)
+    data = scan_category(root, category, masks_optional=masks_optional)
     size = image_size or 256
     seed_everything(params.seed)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with resize_mode(resize), atomic_dir(out_dir) as tmp:
         t0 = time.perf_counter()
         pre = tmp / "pretrain"
         pre.mkdir()
@@ -521,9 +674,9 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         out, seconds = score_category(model, data, size, ev.batch_size, progress)
         metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), size)
         metrics.update({"method": method, "category": category, "root": str(root), "image_size": size,
-                        "fit_seconds": fit_seconds, "fit_stats": stats, "inference_seconds": seconds,
-                        "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
-                        "device": str(device)})
+                        "resize": resize, "fit_seconds": fit_seconds, "fit_stats": stats,
+                        "inference_seconds": seconds, "images_per_second": len(out["scores"]) / max(seconds, 1e-9),
+                        "peak_rss_mb": peak_rss_mb(), "device": str(device)})
         (tmp / "maps").mkdir()
         write_overlays(out, tmp / "maps", n=max(ev.n_overlays, 8), image_size=size)
         write_json(tmp / "curves.json", curve_data)

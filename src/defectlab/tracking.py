@@ -203,6 +203,38 @@ class StageRun:
         registered again: that version is returned (and tagged ``unchanged: true`` on this run)."""
         if not self.run:
             return None
+        client, unchanged = self._registered(name, content_sha256)
+        if unchanged:
+            return unchanged
+        source = f"{self.run.info.artifact_uri}/{artifact_path}"
+        mv = client.create_model_version(name, source, run_id=self.run_id, tags=self._version_tags(tags, content_sha256))
+        client.set_tag(self.run_id, "model.version", mv.version)
+        return mv.version
+
+    def register_pyfunc(self, name: str, model_dir: str | Path, tags: dict | None = None,
+                        content_sha256: str | None = None, example_image: str | Path | None = None) -> str | None:
+        """Log ``model_dir`` as an MLflow pyfunc model (defectlab.serving) in this run and register it
+        as a new version of ``name``; unchanged content reuses the latest version (as ``register_model``)."""
+        if not self.run:
+            return None
+        import mlflow
+
+        from defectlab import serving
+
+        client, unchanged = self._registered(name, content_sha256)
+        if unchanged:
+            return unchanged
+        info = serving.log_model(model_dir, example_image=example_image)
+        mv = mlflow.register_model(info.model_uri, name, tags=self._version_tags(tags, content_sha256))
+        client.set_tag(self.run_id, "model.version", mv.version)
+        return mv.version
+
+    @staticmethod
+    def _version_tags(tags: dict | None, content_sha256: str | None) -> dict:
+        return {**(tags or {}), **({"content.sha256": content_sha256} if content_sha256 else {})}
+
+    def _registered(self, name: str, content_sha256: str | None):
+        """(client, latest version if it holds the same content else None); creates ``name`` if new."""
         from mlflow import MlflowClient
 
         client = MlflowClient()
@@ -216,12 +248,8 @@ class StageRun:
             if latest is not None and (latest.tags or {}).get("content.sha256") == content_sha256:
                 client.set_tag(self.run_id, "model.unchanged", "true")
                 client.set_tag(self.run_id, "model.version", latest.version)
-                return latest.version
-        source = f"{self.run.info.artifact_uri}/{artifact_path}"
-        all_tags = {**(tags or {}), **({"content.sha256": content_sha256} if content_sha256 else {})}
-        mv = client.create_model_version(name, source, run_id=self.run_id, tags=all_tags)
-        client.set_tag(self.run_id, "model.version", mv.version)
-        return mv.version
+                return client, latest.version
+        return client, None
 
 
 @contextlib.contextmanager

@@ -8,7 +8,10 @@ layout, plus ``defects.json``; return per-category image counts).
 Images are hardlinked when ``link == "hardlink"`` (falls back to a copy across file
 systems), else copied; they are never symlinked. Masks that need a change (other name,
 other format, grey values other than 0/255) are rewritten as binary 0/255 PNGs named
-``<stem>_mask.png``. What each converter does:
+``<stem>_mask.png``. ``categories`` (params ``datasets.<name>.categories``) selects what is
+converted: the source tree (an archive or a folder unpacked by hand) needs to hold only those;
+one listed but absent is one error naming the tree and the categories it holds. What each
+converter does:
 
 * ``mvtec_ad``: already MVTec layout; copied as is; defects.json marks every type structural.
 * ``mvtec_loco``: MVTec layout plus ``validation/good`` and per-image mask *folders*
@@ -45,7 +48,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from defectlab.data.mvtec import IMAGE_EXTS, _mask_array
+from defectlab.data.mvtec import IMAGE_EXTS, _mask_array, require_categories
 from defectlab.errors import DatasetError
 from defectlab.io import write_json
 
@@ -61,16 +64,19 @@ MTD_DEFECTS = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 # --------------------------------------------------------------------------- helpers
 
 
-def place(src: Path, dst: Path, link: str = "hardlink") -> None:
-    """Hardlink (or copy) ``src`` to ``dst``; a failed hardlink falls back to a copy."""
+def place(src: Path, dst: Path, link: str = "hardlink") -> str:
+    """Hardlink (or copy) ``src`` to ``dst``; a failed hardlink (another file system, a file
+    system without links, a file the user may not link) falls back to a copy. A symlink ``src``
+    is followed: ``dst`` is never a symlink. Returns what was done: "hardlink" or "copy"."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if link == "hardlink":
         try:
             os.link(src, dst)
-            return
+            return "hardlink"
         except OSError:
             pass
     shutil.copy2(src, dst)
+    return "copy"
 
 
 def write_binary_mask(src: Path, dst: Path) -> None:
@@ -148,9 +154,9 @@ def locate_mvtec_ad(path: Path) -> Path | None:
 
 def convert_mvtec_ad(src: Path, out: Path, categories: list[str] | None = None, link: str = "hardlink") -> dict:
     summary = {}
-    for cat in _pick(categories, MVTEC_AD_CATEGORIES, "mvtec_ad"):
-        if not (src / cat).is_dir():
-            raise DatasetError(src / cat, "category missing from the extracted MVTec AD archive")
+    wanted = _pick(categories, MVTEC_AD_CATEGORIES, "mvtec_ad")
+    require_categories(src, wanted)         # an archive / folder holding a subset is fine if it has these
+    for cat in wanted:
         summary[cat] = dict(_copy_tree(src / cat, out / cat, link))
         defects = sorted(p.name for p in (src / cat / "test").iterdir() if p.is_dir() and p.name != "good")
         write_json(out / cat / "defects.json", {d: "structural" for d in defects})
@@ -165,9 +171,9 @@ def locate_mvtec_loco(path: Path) -> Path | None:
 
 def convert_mvtec_loco(src: Path, out: Path, categories: list[str] | None = None, link: str = "hardlink") -> dict:
     summary = {}
-    for cat in _pick(categories, MVTEC_LOCO_CATEGORIES, "mvtec_loco"):
-        if not (src / cat).is_dir():
-            raise DatasetError(src / cat, "category missing from the extracted MVTec LOCO archive")
+    wanted = _pick(categories, MVTEC_LOCO_CATEGORIES, "mvtec_loco")
+    require_categories(src, wanted)
+    for cat in wanted:
         summary[cat] = dict(_copy_tree(src / cat, out / cat, link))
         write_json(out / cat / "defects.json", {"logical_anomalies": "logical", "structural_anomalies": "structural"})
     return summary

@@ -30,15 +30,28 @@ image over MAX_PIXELS (from its header,   DatasetError "image too large", before
 before decoding)                          pixel is decoded (bounded memory)
 mask size differs from its image          DatasetError naming the mask and the image
 defective test image without a mask       DatasetError naming the image and the
-                                          expected mask path
+                                          expected mask path; with
+                                          ``masks_optional`` (params ``masks:
+                                          optional``) accepted as label 1 without
+                                          masks (pixel metrics of its category: null)
 mask present for a test/good image        ignored if it is empty; DatasetError if it
                                           marks any pixel (the label contradicts it)
 empty or missing train/good               DatasetError
 file or folder symlinked outside root     DatasetError "symlink points outside the
                                           dataset root"
 unknown category                          DatasetError listing the valid categories
+                                          (``source: folder``: all listed categories
+                                          missing from the root in one error)
+non-square image                          resized with ``datasets.<name>.resize``
+                                          (squash | shorter_side_crop | pad, see
+                                          defectlab.data.transform)
 malformed defects.json /                  DatasetError naming the file
 defects_config.json
+no validation/good                        validation images held out of train/good
+                                          (defectlab.data.split; pipeline stages only)
+bad file in a ``source: folder`` root     the errors above, naming the file in the
+                                          root, raised before anything is linked
+                                          (data/prepared/<ds> stays as it was)
 ========================================  ============================================
 
 ``MAX_PIXELS`` defaults to 80 megapixels (MVTec's largest images are 1024x1024, VisA's
@@ -56,12 +69,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from defectlab.data.transform import IMAGENET_MEAN, IMAGENET_STD, area_scale, current_mode, resize_image, resize_mask
 from defectlab.errors import DatasetError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = int(os.environ.get("DEFECTLAB_MAX_PIXELS", 80_000_000))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -184,9 +196,24 @@ def list_categories(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "train").is_dir()) if root.is_dir() else []
 
 
-def scan_category(root: str | Path, category: str, *, check_images: bool = True) -> CategoryData:
+def require_categories(root: str | Path, categories) -> None:
+    """One DatasetError naming ``root`` and the categories it holds when any of ``categories``
+    has no folder there (or ``root`` itself is missing)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, "dataset folder not found")
+    missing = [c for c in categories if not (root / c).is_dir()]
+    if missing:
+        raise DatasetError(root, f"categories {missing} not found in this folder; it holds: "
+                                 f"{', '.join(list_categories(root)) or 'none'}")
+
+
+def scan_category(root: str | Path, category: str, *, check_images: bool = True,
+                  masks_optional: bool = False) -> CategoryData:
     """Index one category; with ``check_images`` also read every image/mask header (sizes,
-    formats, pixel limit) so that bad files fail here, naming the file, not mid-training."""
+    formats, pixel limit) so that bad files fail here, naming the file, not mid-training.
+    ``masks_optional``: a defective test image without a mask is a Sample with label 1 and no
+    ``mask_paths`` instead of an error."""
     root = Path(root)
     base = root / category
     if not base.is_dir():
@@ -212,7 +239,7 @@ def scan_category(root: str | Path, category: str, *, check_images: bool = True)
                     )
                 test.append(Sample(p, 0, "good"))
                 continue
-            if not masks:
+            if not masks and not masks_optional:
                 expected = base / "ground_truth" / d.name / f"{p.stem}_mask.png"
                 raise DatasetError(p, f"defective test image has no mask (expected {expected})")
             test.append(Sample(p, 1, d.name, masks, str(kinds.get(d.name, "unknown"))))
@@ -270,12 +297,16 @@ def _decode(path: Path) -> Image.Image:
     return _open_checked(path, decode=True)
 
 
-def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """RGB float32 HxWx3 in [0, 1], resized (bilinear) to size x size if given."""
-    path = Path(path)
-    im = _to_rgb_uint8(_decode(path))
+def _load_rgb(path: Path) -> Image.Image:
+    return _to_rgb_uint8(_decode(path))
+
+
+def load_image(path: str | Path, size: int | None = None, resize: str | None = None) -> np.ndarray:
+    """RGB float32 HxWx3 in [0, 1]; with ``size``, size x size by ``transform.resize_image`` with
+    mode ``resize`` (default: the enclosing ``transform.resize_mode`` block's, else squash)."""
+    im = _load_rgb(Path(path))
     if size:
-        im = im.resize((size, size), Image.BILINEAR)
+        im = resize_image(im, size, current_mode(resize))
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
@@ -290,8 +321,9 @@ def _mask_array(path: Path) -> np.ndarray:
     return arr
 
 
-def load_mask(paths, size: int | None = None) -> np.ndarray:
-    """Union of the mask files (nonzero = defect) as bool HxW, resized (nearest) if ``size``."""
+def load_mask(paths, size: int | None = None, resize: str | None = None) -> np.ndarray:
+    """Union of the mask files (nonzero = defect) as bool HxW; with ``size``, size x size (nearest,
+    the geometry of ``load_image`` with the same ``resize`` mode)."""
     out, first = None, None
     for p in paths:
         p = Path(p)
@@ -303,7 +335,7 @@ def load_mask(paths, size: int | None = None) -> np.ndarray:
     if out is None:
         raise DatasetError(Path("."), "load_mask called without mask files")
     if size:
-        out = np.asarray(Image.fromarray(out.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+        out = resize_mask(out, size, current_mode(resize))
     return out
 
 
@@ -341,7 +373,8 @@ def load_defects_config(category_dir: str | Path) -> dict[int, DefectConfig]:
 
 
 def load_defect_masks(
-    sample: Sample, config: dict[int, DefectConfig] | None = None, size: int | None = None
+    sample: Sample, config: dict[int, DefectConfig] | None = None, size: int | None = None,
+    resize: str | None = None,
 ) -> list[tuple[np.ndarray, float]]:
     """Per-defect masks of ``sample`` with their sPRO saturation areas (pixels), as
     ``defectlab.metrics.spro`` takes them.
@@ -349,10 +382,12 @@ def load_defect_masks(
     Each distinct nonzero grey value in each mask file is one defect. With a LOCO
     ``config`` the value must be listed there; saturation area = threshold x defect area
     (relative) or threshold (absolute), capped at the defect's area, measured at the
-    original resolution and scaled by the area ratio when ``size`` resizes the mask. Without
+    original resolution and scaled by the area ratio when ``size`` resizes the mask (mode
+    ``resize`` as in ``load_mask``). Without
     a config the saturation area is the whole defect (sPRO reduces to PRO).
     """
     out = []
+    mode = current_mode(resize)
     for p in sample.mask_paths:
         arr = _mask_array(Path(p))
         h, w = arr.shape
@@ -369,8 +404,8 @@ def load_defect_masks(
             else:
                 sat = area
             if size:
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
-                sat *= (size * size) / (h * w)
+                mask = resize_mask(mask, size, mode)
+                sat *= area_scale(h, w, size, mode)
             out.append((mask, float(sat)))
     return out
 
@@ -379,18 +414,27 @@ def load_defect_masks(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, size: int, normalize: bool = True):
+    """Samples as model inputs: ``image`` 3 x size x size (ImageNet-normalised), ``mask``
+    1 x size x size (zeros when the sample has none; ``has_mask`` says which), ``orig_size`` (h, w)
+    of the file. ``resize``: the mode (default: the ``transform.resize_mode`` in force when the
+    dataset is built, so worker processes of a DataLoader use it too)."""
+
+    def __init__(self, samples, size: int, normalize: bool = True, resize: str | None = None):
         self.samples, self.size, self.normalize = list(samples), size, normalize
+        self.resize = current_mode(resize)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = torch.from_numpy(load_image(s.path, self.size)).permute(2, 0, 1)
+        im = _load_rgb(Path(s.path))
+        orig_size = (im.height, im.width)
+        img = torch.from_numpy(np.asarray(resize_image(im, self.size, self.resize), dtype=np.float32) / 255.0)
+        img = img.permute(2, 0, 1)
         if self.normalize:
             img = (img - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-        mask = torch.from_numpy(load_mask(s.mask_paths, self.size).astype(np.float32))[None] if s.mask_paths \
-            else torch.zeros(1, self.size, self.size)
+        mask = torch.from_numpy(load_mask(s.mask_paths, self.size, self.resize).astype(np.float32))[None] \
+            if s.mask_paths else torch.zeros(1, self.size, self.size)
         return {"image": img, "mask": mask, "label": s.label, "path": str(s.path), "kind": s.kind,
-                "defect_type": s.defect_type}
+                "defect_type": s.defect_type, "orig_size": orig_size, "has_mask": bool(s.mask_paths)}

@@ -215,8 +215,10 @@ def prepare_dataset(source: str, raw_root: str | Path, out_dir: str | Path, down
     """Put registry dataset ``source`` in MVTec layout under ``out_dir`` (replaced as a whole,
     atomically): one folder per category, ``defects.json`` each, ``SOURCE.json`` at the top.
 
-    ``download=False`` and nothing under ``raw_root`` -> ``ResourceMissingError`` with the
-    file names, URLs and the command that fetches them. Returns per-category counts.
+    ``categories``: convert only these (None: all of the dataset's); the archive or unpacked
+    tree may hold only them. ``download=False`` and nothing under ``raw_root`` ->
+    ``ResourceMissingError`` with the file names, URLs and the command that fetches them.
+    Returns per-category counts.
     """
     spec = get_spec(source)
     src = fetch_dataset(source, raw_root, download=download, insecure_skip_checksum=insecure_skip_checksum,

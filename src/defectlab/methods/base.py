@@ -40,6 +40,15 @@ from defectlab.config import StrictModel
 from defectlab.io import atomic_dir
 
 
+#: model.json layout version (2: the deployment blocks below sit next to method/config/meta)
+MODEL_FORMAT = 2
+#: model.json's deployment blocks (see defectlab.inference): what scoring an image needs besides
+#: the tensors. ``preprocess`` {image_size, resize, mean, std}; ``threshold`` / ``normalization``
+#: (defectlab.calibration); ``data`` {dataset, category, manifest_sha256, n_train, n_validation};
+#: ``versions`` (library versions at fit time).
+CARD_KEYS = ("preprocess", "threshold", "normalization", "data", "versions")
+
+
 @dataclass
 class PretrainContext:
     """What a dataset-level pretraining sees."""
@@ -84,6 +93,9 @@ class AnomalyMethod(ABC):
         self.config = config
         self.device = torch.device(device)
         self.meta: dict[str, Any] = {}
+        #: the deployment blocks of model.json (``CARD_KEYS``: preprocessing, threshold, score
+        #: normalisation, data version, library versions), set by the pipeline's `fit`
+        self.card: dict[str, Any] = {}
 
     #: config fields ``pretrain`` never reads (its stage does not rerun when they change); a method
     #: whose ``pretrain`` is the default (freeze the backbone) reads only ``backbone`` / ``weights``
@@ -231,7 +243,8 @@ class AnomalyMethod(ABC):
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
             save_file(tensors, str(tmp / "model.safetensors"))
             (tmp / "model.json").write_text(json.dumps(
-                {"method": self.name, "config": self.config.model_dump(mode="json"), "meta": self.meta},
+                {"format": MODEL_FORMAT, "method": self.name, "config": self.config.model_dump(mode="json"),
+                 "meta": self.meta, **{k: v for k, v in self.card.items() if k in CARD_KEYS}},
                 indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -249,6 +262,7 @@ class AnomalyMethod(ABC):
             raise ResourceMissingError(f"{info_path}: holds a {info.get('method')!r} model, not {cls.name!r}")
         method = cls(cls.Config.model_validate(info["config"]), device)
         method.meta = info.get("meta", {})
+        method.card = {k: info[k] for k in CARD_KEYS if k in info}
         method.load_tensors({k: v.to(device) for k, v in load_file(str(model_dir / "model.safetensors")).items()})
         return method
 
