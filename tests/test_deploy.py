@@ -48,7 +48,7 @@ def test_every_fitted_model_is_self_contained_registered_and_champion(repro_proj
             assert info["threshold"]["source"] == "validation" and info["threshold"]["image"] is not None
             assert info["preprocess"]["image_size"] == 64
             mv = client.get_model_version_by_alias(f"{method}-demo-{cat}", "champion")
-            assert mv.version == "1" and mv.tags["threshold.source"] == "validation"
+            assert str(mv.version) == "1" and mv.tags["threshold.source"] == "validation"
             assert float(mv.tags["threshold"]) == pytest.approx(info["threshold"]["image"])
 
 
