@@ -28,6 +28,8 @@ def benchmark(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     profile: Optional[str] = typer.Option(None, help="smoke | default | paper (overrides params)"),
     image_size: int = typer.Option(256, help="resize images to this size"),
+    resize: str = typer.Option("squash", help="squash | shorter_side_crop | pad"),
+    masks_optional: bool = typer.Option(False, help="accept defective test images without masks (pixel metrics null)"),
 ) -> None:
     """Fit and evaluate one method on any MVTec-format folder; write OUT/metrics.json and OUT/maps/."""
     from defectlab.config import Params
@@ -35,7 +37,8 @@ def benchmark(
 
     try:
         p = Params.load(params, profile=profile)
-        metrics = run_benchmark(p, method, root, category, out, image_size=image_size)
+        metrics = run_benchmark(p, method, root, category, out, image_size=image_size, resize=resize,
+                                masks_optional=masks_optional)
     except DefectlabError as err:
         _fail(err)
     keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "fit_seconds",
