@@ -3,6 +3,7 @@ on a trained network); each changed model is logged as an MLflow pyfunc model an
 <method>-<dataset>-<category> (its first version becomes `champion`)."""
 
 from defectlab import champion, pipeline
+from defectlab.data.mvtec import IMAGE_EXTS
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset")
@@ -16,8 +17,9 @@ def body(params, run):
         with run.child(category) as child:
             child.log_metrics(stats)
             name = champion.model_name(args.method, args.dataset, category)
-            data = pipeline.category_data(params, args.dataset, category)
-            example = (data.validation or data.train)[0].path
+            # the input example: any training image (not a second scan of the whole category)
+            good = pipeline.Layout().prepared(args.dataset) / category / "train" / "good"
+            example = min((p for p in good.iterdir() if p.suffix.lower() in IMAGE_EXTS), default=None)
             version = child.register_pyfunc(name, model_dir, tags={"profile": params.profile,
                                                                    **pipeline.card_tags(model_dir)},
                                             content_sha256=pipeline.model_sha256(model_dir), example_image=example)

@@ -260,23 +260,32 @@ def _grid_shapes(body: nn.Module, layers: list[str], size: int) -> dict[str, tup
     return {layer: tuple(feats[layer].shape[1:]) for layer in layers}
 
 
-# =============================================================================================
-# PatchCore / APC
-# =============================================================================================
-class PatchCoreGraph(nn.Module):
-    """PatchCore's ``predict`` (``methods.patchcore``) as one static graph; APC uses it unchanged."""
+class _BackboneGraph(nn.Module):
+    """What both memory-bank graphs start with: normalisation, the frozen backbone body, its
+    layers and the patch grid (h, w) of the first layer at the export size."""
 
     def __init__(self, method, pre: dict):
         super().__init__()
         cfg = method.config
-        size = pre["image_size"]
         self.normalise = Normalise(pre["mean"], pre["std"])
         self.body = method.extractor.body
         self.layers = list(cfg.layers)
-        shapes = _grid_shapes(self.body, self.layers, size)
+        self.shapes = _grid_shapes(self.body, self.layers, pre["image_size"])
+        _, self.h, self.w = self.shapes[self.layers[0]]
+
+
+# =============================================================================================
+# PatchCore / APC
+# =============================================================================================
+class PatchCoreGraph(_BackboneGraph):
+    """PatchCore's ``predict`` (``methods.patchcore``) as one static graph; APC uses it unchanged."""
+
+    def __init__(self, method, pre: dict):
+        super().__init__(method, pre)
+        cfg = method.config
+        size = pre["image_size"]
         self.patch_size = cfg.patch_size
-        _, self.h, self.w = shapes[self.layers[0]]
-        c = sum(s[0] for s in shapes.values())
+        c = sum(s[0] for s in self.shapes.values())
         self.pool = ChannelPool(c, cfg.embed_dim) if cfg.embed_dim is not None and cfg.embed_dim < c else None
         bank = method.bank.detach().float().cpu().contiguous()
         # one copy of the bank, transposed for the MatMuls (a ``bank.T`` in the graph would be
@@ -332,18 +341,14 @@ class PatchCoreGraph(nn.Module):
 # =============================================================================================
 # PaDiM
 # =============================================================================================
-class PaDiMGraph(nn.Module):
+class PaDiMGraph(_BackboneGraph):
     """PaDiM's ``predict`` (``methods.padim``) as one static graph."""
 
     def __init__(self, method, pre: dict):
-        super().__init__()
+        super().__init__(method, pre)
         cfg = method.config
         size = pre["image_size"]
-        self.normalise = Normalise(pre["mean"], pre["std"])
-        self.body = method.extractor.body
-        self.layers = list(cfg.layers)
-        shapes = _grid_shapes(self.body, self.layers, size)
-        _, self.h, self.w = shapes[self.layers[0]]
+        shapes = self.shapes
         if [self.h, self.w] != list(method.grid or [self.h, self.w]):
             raise ConfigError(f"padim: fitted on a {tuple(method.grid)} patch grid, but {size} px images give "
                               f"({self.h}, {self.w}); export at the fitted image size")
