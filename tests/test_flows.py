@@ -65,6 +65,8 @@ def test_malformed_flows_params_are_one_line_not_a_traceback(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
+    import pipelines.retrain  # noqa: F401  Prefect sets its log handlers up on import: not on CliRunner's
+                              # stderr, which is closed after invoke (later flows would log into it)
     from defectlab.cli import app
 
     shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")

@@ -135,15 +135,17 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(fitted, tmp_path):
         shutil.copy(p, folder / f"{p.parent.name}_{p.name}")
     # a non-square, larger image: maps and masks come back at its own size
     Image.open(good[0]).convert("RGB").resize((96, 40)).save(folder / "wide.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "m_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "preds"
     r = CliRunner().invoke(app, ["predict", str(model_dir), str(folder), "--out", str(out), "--json",
                                  "--device", "cpu"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 5
+    # input order (sorted folder listing), the unreadable file in its place, not moved to the front
+    assert [Path(row["path"]).name for row in rows] == sorted(p.name for p in folder.iterdir())
     by_name = {Path(row["path"]).name: row for row in rows}
-    assert by_name["broken.png"]["error"] and by_name["broken.png"]["score"] is None
+    assert by_name["m_broken.png"]["error"] and by_name["m_broken.png"]["score"] is None
     scored = [row for row in rows if row["error"] is None]
     assert len(scored) == 4 and all(row["label"] in ("anomalous", "normal") for row in scored)
     mask = Image.open(out / by_name["wide.png"]["mask"])
@@ -151,7 +153,7 @@ def test_predict_cli_on_a_folder_with_a_corrupt_file(fitted, tmp_path):
     heat = Image.open(out / by_name["wide.png"]["heatmap"])
     assert heat.size == (2 * 96, 40)                       # [image | overlay]
     lines = (out / "predictions.csv").read_text().splitlines()
-    assert len(lines) == 6 and sum("broken.png" in ln and ",error," in ln for ln in lines) == 1
+    assert len(lines) == 6 and sum("m_broken.png" in ln and ",error," in ln for ln in lines) == 1
 
 
 def test_heatmap_colours_do_not_depend_on_the_batch(fitted):

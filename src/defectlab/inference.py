@@ -188,28 +188,37 @@ class Detector:
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 8, keep_images: bool = False
                       ) -> Iterator[Prediction]:
-        """Stream predictions over files in order; unreadable files come back with ``error`` set."""
-        pending: list[tuple[str, np.ndarray]] = []
+        """Stream predictions over files in input order; unreadable files come back with ``error``
+        set, in their place (a batch holds at most ``batch_size`` decoded images)."""
+        pending: list[tuple[str, np.ndarray | None, str | None]] = []   # (path, image, error)
 
         def flush():
-            scores, maps = self._score([r for _, r in pending])
+            images = [r for _, r, _ in pending if r is not None]
+            scores, maps = self._score(images) if images else (np.zeros(0), [])
             norm = self.normalize_score(scores)
-            for j, ((p, rgb), s, m) in enumerate(zip(pending, scores, maps)):
-                yield Prediction(p, float(s), None if norm is None else float(norm[j]), self.label(float(s)), m,
+            j = 0
+            for p, rgb, err in pending:
+                if err is not None:
+                    yield Prediction(p, error=err)
+                    continue
+                s = float(scores[j])
+                yield Prediction(p, s, None if norm is None else float(norm[j]), self.label(s), maps[j],
                                  rgb if keep_images else None)
+                j += 1
             pending.clear()
 
+        n_images = 0
         for p in paths:
             try:
-                pending.append((str(p), _decode(p)))
+                pending.append((str(p), _decode(p), None))
+                n_images += 1
             except DatasetError as err:
-                yield Prediction(str(p), error=err.problem)
-                continue
+                pending.append((str(p), None, err.problem))
             except OSError as err:
-                yield Prediction(str(p), error=str(err))
-                continue
-            if len(pending) >= batch_size:
+                pending.append((str(p), None, str(err)))
+            if n_images >= batch_size or len(pending) >= 4 * batch_size:
                 yield from flush()
+                n_images = 0
         if pending:
             yield from flush()
 
