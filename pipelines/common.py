@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,10 @@ class RetrainParams(StrictModel):
     incoming_dir: str = Field("data/incoming", description="new normal images: <dir>/<dataset>/<category>/*")
     accepted_dir: str = Field("data/accepted", description="archive of accepted images (same layout)")
     quarantine_dir: str = Field("data/quarantine", description="rejected files + quarantine.csv with reasons")
+    review_dir: str = Field("data/review", description="batches of a refused challenger: <dir>/<ds>/<cat>/<batch>/")
+    on_refuse: Literal["review", "keep"] = Field(
+        "review", description="review: undo the batch (workspace back to the champion's data) and move it to "
+                              "review_dir; keep: the batch stays in the training set")
     min_size: int = Field(32, ge=1, description="smallest accepted image side in pixels")
     lock_timeout_s: float = Field(3600, gt=0, description="wait this long for another retrain of the dataset")
 

@@ -106,11 +106,17 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
 
 def reproduce(root: str = ".", stages: list[str] | None = None, force: bool = False,
               dask_address: str | None = None, dask_workers: int | None = None) -> dict:
-    """Entry point used by the CLI and tests: picks the task runner, then runs the flow."""
+    """Entry point used by the CLI and tests: takes the lock of every dataset of ``run.datasets``
+    (shared with the retrain flow and plain ``dvc repro``; held for the whole run, stages and local
+    Dask workers inherit it), picks the task runner, then runs the flow."""
+    from defectlab.config import Params
+    from defectlab.stagekit import dataset_lock
+
     address = dask_address or flows_params(Path(root)).reproduce.dask_address
-    runner = task_runner(address, dask_workers)
-    fl = reproduce_flow.with_options(task_runner=runner) if runner else reproduce_flow
-    return fl(root=str(root), stages=stages, force=force)
+    with dataset_lock(Params.load(Path(root) / "params.yaml").run.datasets, root):
+        runner = task_runner(address, dask_workers)
+        fl = reproduce_flow.with_options(task_runner=runner) if runner else reproduce_flow
+        return fl(root=str(root), stages=stages, force=force)
 
 
 if __name__ == "__main__":  # python -m pipelines.reproduce [root]

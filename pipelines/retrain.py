@@ -1,36 +1,43 @@
 """Flow ``retrain``: fold new normal images into a category, retrain, and promote the new model
-only if it is not worse than the current champion.
+only if it is not worse than the current champion. A refused challenger leaves no trace in the
+training set.
 
-Steps (one Prefect task each), under a per-dataset file lock so two retrains of the same
-dataset (hence the same category) never interleave their writes to data/, dvc.lock or the registry:
+Steps (one Prefect task each), under the dataset's lock (shared with the reproduce flow and every
+stage of plain ``dvc repro``, ``defectlab.stagekit.dataset_lock``), with a journal of the step
+reached (``pipelines.workspace``):
 
-1. **validate** every file in ``<incoming_dir>/<dataset>/<category>/``: known image extension,
+1. **recover**: a journal left by an interrupted retrain is finished (its decision was made) or
+   undone (workspace restored from its snapshot, its batch back in the incoming folder, registry
+   versions it made tagged ``decision=interrupted``) before anything else.
+2. **validate** every file in ``<incoming_dir>/<dataset>/<category>/``: known image extension,
    decodes, not empty, both sides >= ``min_size``, not a duplicate of a training image or of
-   another incoming file. Bad files are moved to ``<quarantine_dir>/<dataset>/<category>/`` and
-   a row (time, file, reason, sha256) is appended to its ``quarantine.csv``: never silently dropped.
-2. **new data version**: accepted images are copied into the prepared training set
-   ``data/prepared/<ds>/<cat>/train/good/incoming_<sha>.png`` (and archived in
-   ``<accepted_dir>/<ds>/<cat>/``), the manifest gets their rows, and ``dvc commit`` records the
-   new version of the prepare stage's output in dvc.lock.
-3. **rerun affected stages**: ``dvc repro evaluate@<m>-<ds>``: DVC reruns what depends on the
-   changed data: the synthesis cache (identical files for the other categories), the dataset's
-   pretrain, this category's ``train@<m>-<ds>-<cat>`` only (other categories' trainings stay
-   cached), the method's dataset-wide fit and evaluate, then the report; other methods are
-   untouched. The fit stage registers a new model version for the changed category only (an
-   unchanged model is not registered again).
-4. **compare** on the held-out test set: the challenger's score is the evaluate stage's metric;
-   the champion is re-scored now on the same test set (so both numbers see the same data).
-5. **decide** (``defectlab.champion.decide``): promote unless worse by more than ``margin``; set
-   aliases ``challenger`` (always) and ``champion`` (if promoted); store the image threshold chosen
-   on validation data with the version; log a ``retrain`` MLflow run with both scores and the decision.
-
-The registry, not the working tree, holds the champion: after a refusal, models/ holds the refused
-challenger (it is what dvc.lock describes) while ``inspect`` keeps using the champion version.
+   another incoming file. Bad files are moved to ``<quarantine_dir>/<dataset>/<category>/`` with a
+   row (time, file, reason, sha256) in its ``quarantine.csv``: never silently dropped.
+3. **snapshot** dvc.lock and the outputs DVC does not cache; then **new data version**: the
+   accepted images (one *batch*, id ``<UTC time>-<digest>``) are moved to
+   ``<accepted_dir>/<ds>/<cat>/`` and copied into ``data/prepared/<ds>/<cat>/train/good/``, the
+   category's manifests are rewritten and ``dvc commit`` records the new version of ``prepare``.
+4. **rerun affected stages**: ``dvc repro evaluate@<m>-<ds>`` (DVC reruns what depends on the
+   changed category: its synthesis cache and trainings, the method's fit and evaluate) and the
+   report. The fit stage registers a new model version for the changed category only.
+5. **compare** on the held-out test set: the challenger's score is the evaluate stage's metric;
+   the champion is re-scored now on the same test set.
+6. **decide** (``defectlab.champion.decide``, or promotion forced by ``defectlab review accept``)
+   and record it in the journal, then move the aliases (``challenger`` always, ``champion`` if
+   promoted) and log a ``retrain`` MLflow run.
+7. **promoted** (or refused with ``flows.retrain.on_refuse: keep``): the new data version is one git
+   commit of ``dvc.lock`` (when the project is a git checkout; ``dvc push`` when a remote is set)
+   whose hash goes on the model version. **Refused** (``on_refuse: review``, the default): the
+   workspace goes back to the snapshot byte for byte (dvc.lock, data/prepared, models/,
+   checkpoints/, metrics/...: ``dvc status`` is clean) and the batch moves to
+   ``data/review/<ds>/<cat>/<batch>/`` with ``decision.json`` and the challenger's score of each
+   of its images, worst first, for ``defectlab review accept|reject``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import tempfile
@@ -40,8 +47,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from defectlab.io import sha256_file
-from pipelines.common import flows_params, in_dir, run_dvc, setup_tracking, stage_graph
+from defectlab.io import fault_point, sha256_file, write_json
+from defectlab.stagekit import dataset_lock, dataset_lock_path
+from pipelines.common import StageFailed, flows_params, in_dir, run_dvc, setup_tracking, stage_graph
+from pipelines.workspace import clear_journal, read_journal, restore, snapshot, write_journal
 
 
 def check_image(path: Path, min_size: int) -> str | None:
@@ -61,6 +70,23 @@ def check_image(path: Path, min_size: int) -> str | None:
         if min(im.size) < min_size:
             return f"too small ({im.width}x{im.height} < {min_size} px)"
     return None
+
+
+def _quarantine(path: Path, quarantine: Path, reason: str, digest: str | None = None) -> Path:
+    """Move ``path`` into the quarantine folder, with a row (time, file, name there, reason, sha256)
+    in its quarantine.csv written first (a crash between the two leaves the file where it was)."""
+    quarantine.mkdir(parents=True, exist_ok=True)
+    target = quarantine / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}_{path.name}"
+    log = quarantine / "quarantine.csv"
+    new = not log.exists()
+    with open(log, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["time", "file", "quarantined_as", "reason", "sha256"])
+        w.writerow([datetime.now(timezone.utc).isoformat(timespec="seconds"), path.name, target.name, reason,
+                    digest or sha256_file(path)])
+    shutil.move(str(path), target)
+    return target
 
 
 @task(name="validate-incoming")
@@ -84,16 +110,7 @@ def validate_incoming(root: str, dataset: str, category: str) -> dict:
             known.add(digest)
             accepted.append({"path": str(path), "sha256": digest})
             continue
-        quarantine.mkdir(parents=True, exist_ok=True)
-        target = quarantine / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}_{path.name}"
-        shutil.move(str(path), target)
-        log = quarantine / "quarantine.csv"
-        new = not log.exists()
-        with open(log, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["time", "file", "quarantined_as", "reason", "sha256"])
-            w.writerow([datetime.now(timezone.utc).isoformat(timespec="seconds"), path.name, target.name, reason, digest])
+        _quarantine(path, quarantine, reason, digest)
         rejected.append({"file": path.name, "reason": reason})
         logger.warning("quarantined %s: %s", path.name, reason)
     logger.info("%d accepted, %d quarantined (%s)", len(accepted), len(rejected), quarantine)
@@ -101,35 +118,30 @@ def validate_incoming(root: str, dataset: str, category: str) -> dict:
 
 
 @task(name="new-data-version")
-def add_to_training_set(root: str, dataset: str, category: str, accepted: list[dict]) -> int:
-    """Copy accepted images into the prepared training set and record the new version with DVC."""
+def add_to_training_set(root: str, dataset: str, category: str, accepted: list[dict], batch: str) -> list[str]:
+    """Move accepted images to the archive, copy them into the prepared training set, rewrite the
+    category's manifests and record the new version with DVC. Returns the training file names."""
+    from defectlab import pipeline
+    from defectlab.config import Params
+
     root_p = Path(root)
     cfg = flows_params(root_p).retrain
-    prepared = root_p / "data" / "prepared" / dataset
-    good = prepared / category / "train" / "good"
+    good = root_p / "data" / "prepared" / dataset / category / "train" / "good"
     archive = root_p / cfg.accepted_dir / dataset / category
     archive.mkdir(parents=True, exist_ok=True)
-    manifest = prepared / "manifest.csv"
-    with open(manifest, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    for item in accepted:
+    names = [f"incoming_{item['sha256'][:16]}{Path(item['path']).suffix.lower()}" for item in accepted]
+    journal = read_journal(root_p, dataset)
+    write_journal(root_p, dataset, {**journal, "step": "adding-data", "files": names})   # before the first move
+    for item, name in zip(accepted, names):
         src = Path(item["path"])
-        name = f"incoming_{item['sha256'][:16]}{src.suffix.lower()}"
         shutil.copy2(src, good / name)
         shutil.move(str(src), archive / name)
-        rows.append({**{k: "" for k in fields}, "category": category, "split": "train", "label": "0",
-                     "defect_type": "good", "kind": "good", "path": f"{category}/train/good/{name}",
-                     "sha256": item["sha256"]})
-    # replace (not edit) the manifest: the DVC cache may hold it as a link
-    fd, tmp = tempfile.mkstemp(dir=prepared, prefix=".manifest.", suffix=".csv")
-    with open(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    Path(tmp).replace(manifest)
+    with in_dir(root_p):
+        pipeline.update_manifests(Params.load("params.yaml"), dataset, category)
     run_dvc(["commit", "--force", f"prepare@{dataset}"], root_p)
-    return len(accepted)
+    write_journal(root_p, dataset, {**read_journal(root_p, dataset), "step": "data-added"})
+    fault_point("retrain:data-added")
+    return names
 
 
 @task(name="rerun-affected-stages")
@@ -143,6 +155,7 @@ def rerun_stages(root: str, method: str, dataset: str, category: str) -> str:
             out += run_dvc(["repro", "--single-item", stage], Path(root))
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
     get_run_logger().info("stages rerun: %s", ", ".join(ran) or "none (up to date)")
+    fault_point("retrain:stages-rerun")
     return ",".join(ran)
 
 
@@ -166,75 +179,241 @@ def score_version(root: str, method: str, dataset: str, category: str, metric: s
     return {"version": str(mv.version), "score": metrics.get(metric)}
 
 
-@task(name="decide-and-promote")
-def decide_and_promote(root: str, method: str, dataset: str, category: str, challenger_version: str,
-                       champion_info: dict | None, validation: dict, stages_rerun: str) -> dict:
+def batch_scores(root: Path, method: str, dataset: str, category: str, names: list[str]) -> list[dict]:
+    """The challenger's (models/ in the working tree) score of each image of the batch, worst first."""
+    from defectlab import inference, pipeline
+
+    with in_dir(root):
+        det = inference.load(pipeline.Layout().model(method, dataset, category), device="cpu")
+        good = pipeline.Layout().prepared(dataset) / category / "train" / "good"
+        rows = [{"file": Path(p.path).name, "score": p.score, "normalized_score": p.normalized_score,
+                 "label": p.label, "error": p.error} for p in det.predict_files([good / n for n in names])]
+    return sorted(rows, key=lambda r: -(r["score"] if r["score"] is not None else float("inf")))
+
+
+@task(name="decide")
+def decide(root: str, method: str, dataset: str, category: str, champion_info: dict | None,
+           force_reason: str | None) -> dict:
+    """The decision (not yet applied), recorded in the journal so a crash after it is finished, not redone."""
+    from defectlab import champion, pipeline
+
+    rc = flows_params(Path(root)).retrain
+    with in_dir(Path(root)):
+        metrics = json.loads(pipeline.Layout().metrics(method, dataset, category).read_text())
+    score = metrics.get(rc.metric)
+    if score is None:
+        raise KeyError(f"metric {rc.metric!r} not in metrics/{method}/{dataset}/{category}.json "
+                       f"(has: {', '.join(sorted(metrics))})")
+    decision = champion.decide(score, champion_info["score"] if champion_info else None, metric=rc.metric,
+                               margin=rc.margin)
+    if force_reason and not decision.promote:
+        decision = champion.Decision(True, decision.metric, decision.challenger_score, decision.champion_score,
+                                     decision.margin, f"{force_reason} (margin check skipped: {decision.reason})")
+    return decision.as_dict()
+
+
+@task(name="apply-decision")
+def apply_decision(root: str, method: str, dataset: str, category: str, challenger_version: str,
+                   champion_info: dict | None, validation: dict, stages_rerun: str, decision: dict,
+                   trigger: str, batch: str | None) -> dict:
     from defectlab import champion, pipeline, tracking
     from defectlab.backbones import resolve_device
     from defectlab.config import Params
     from defectlab.methods import get_method
 
     logger = get_run_logger()
-    cfg = flows_params(Path(root))
-    rc = cfg.retrain
+    rc = flows_params(Path(root)).retrain
     name = champion.model_name(method, dataset, category)
+    d = champion.Decision(**decision)
     with in_dir(Path(root)):
         params = Params.load("params.yaml")
-        metrics = json.loads(pipeline.Layout().metrics(method, dataset, category).read_text())
-        score = metrics.get(rc.metric)
-        if score is None:
-            raise KeyError(f"metric {rc.metric!r} not in metrics/{method}/{dataset}/{category}.json "
-                           f"(has: {', '.join(sorted(metrics))})")
-        decision = champion.decide(score, champion_info["score"] if champion_info else None,
-                                   metric=rc.metric, margin=rc.margin)
         model = get_method(method).load(pipeline.Layout().model(method, dataset, category), resolve_device(params.device))
         thr = champion.model_threshold(model)
-        champion.apply_decision(name, challenger_version, decision, extra_tags=thr)
-        logger.info("%s v%s: %s (%s)", name, challenger_version, "PROMOTED" if decision.promote else "REFUSED",
-                    decision.reason)
+        fault_point("retrain:before-alias")
+        champion.apply_decision(name, challenger_version, d,
+                                extra_tags={**thr, "trigger": trigger, **({"batch": batch} if batch else {})})
+        logger.info("%s v%s: %s (%s)", name, challenger_version, "PROMOTED" if d.promote else "REFUSED", d.reason)
         with tracking.stage_run("retrain", dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, config=params.tracking,
                                 params={"retrain": rc.model_dump(mode="json"), "calibration": params.calibration.model_dump(),
                                         "challenger_version": challenger_version,
                                         "champion_version": champion_info["version"] if champion_info else "none",
-                                        "stages_rerun": stages_rerun or "none"}) as run:
-            run.log_metrics({"challenger_score": decision.challenger_score, "promoted": float(decision.promote),
+                                        "stages_rerun": stages_rerun or "none", "batch": batch or "none",
+                                        "trigger": trigger}) as run:
+            run.log_metrics({"challenger_score": d.challenger_score, "promoted": float(d.promote),
                              "n_accepted": len(validation["accepted"]), "n_quarantined": len(validation["rejected"]),
                              "threshold": thr["threshold"],
-                             **({"champion_score": decision.champion_score} if decision.champion_score is not None else {})})
+                             **({"champion_score": d.champion_score} if d.champion_score is not None else {})})
             if run.active:
                 import mlflow
 
-                mlflow.set_tags({"decision": "promoted" if decision.promote else "refused",
+                mlflow.set_tags({"decision": "promoted" if d.promote else "refused",
                                  "model.name": name, "model.version": challenger_version})
-                mlflow.log_dict({"decision": decision.as_dict(), "validation": validation, **thr}, "decision.json")
-    return {**decision.as_dict(), "model": name, "challenger_version": challenger_version,
+                mlflow.log_dict({"decision": d.as_dict(), "validation": validation, **thr}, "decision.json")
+    fault_point("retrain:after-alias")
+    return {**d.as_dict(), "model": name, "challenger_version": challenger_version,
             "champion_version": champion_info["version"] if champion_info else None, **thr}
 
 
-@flow(name="retrain", log_prints=True)
-def retrain_flow(dataset: str, category: str, method: str | None = None, root: str = ".") -> dict:
-    """Validate incoming images, retrain the category, promote the challenger if not worse."""
-    from filelock import FileLock
+# ---------------------------------------------------------------------------------------------
+# after the decision: keep the data version (git commit) or undo it (batch to review)
+# ---------------------------------------------------------------------------------------------
+def commit_data_version(root: Path, dataset: str, category: str, message: str) -> str | None:
+    """One git commit of dvc.lock (only that path; the user's other changes stay unstaged) when the
+    project is a git checkout and dvc.lock changed, then ``dvc push`` when a remote is configured.
+    Returns the commit hash (None: not a git checkout or nothing to commit)."""
+    import subprocess
 
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+    if git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        return None
+    git("add", "dvc.lock")
+    if git("diff", "--cached", "--quiet", "--", "dvc.lock").returncode == 0:
+        return None
+    r = git("commit", "-m", message, "--", "dvc.lock")
+    if r.returncode != 0:
+        raise StageFailed(f"git commit of the new data version failed: {r.stderr.strip() or r.stdout.strip()}")
+    if run_dvc(["remote", "list"], root).strip():
+        run_dvc(["push"], root)
+    return git("rev-parse", "HEAD").stdout.strip()
+
+
+def move_batch(root: Path, dataset: str, category: str, names: list[str], dst: Path) -> list[Path]:
+    """Move the batch's files out of the accepted archive into ``dst`` (idempotent: a file already
+    moved is not an error)."""
+    archive = root / flows_params(root).retrain.accepted_dir / dataset / category
+    dst.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for n in names:
+        if (archive / n).exists():
+            shutil.move(str(archive / n), dst / n)
+        if (dst / n).exists():
+            moved.append(dst / n)
+    return moved
+
+
+def review_dir(root: Path, dataset: str, category: str, batch: str) -> Path:
+    return root / flows_params(root).retrain.review_dir / dataset / category / batch
+
+
+def undo_batch(root: Path, dataset: str, category: str, journal: dict, to_review: bool) -> Path | None:
+    """Workspace back to the snapshot; the batch to its review folder (with the decision and its
+    per-image scores) or, after an interruption, back to the incoming folder to be validated again.
+    Safe to repeat after a crash half-way."""
+    names, batch = journal.get("files", []), journal["batch"]
+    folder = None
+    if to_review:
+        folder = review_dir(root, dataset, category, batch)
+        if not folder.exists():
+            tmp = folder.with_name(f".{batch}.tmp")
+            move_batch(root, dataset, category, names, tmp / "images")
+            write_json(tmp / "decision.json", {k: journal.get(k) for k in (
+                "batch", "dataset", "category", "method", "decision", "challenger_version", "champion_version",
+                "scores", "trigger", "time")})
+            with open(tmp / "scores.csv", "w", newline="") as f:   # worst (highest score) first
+                w = csv.DictWriter(f, fieldnames=["file", "score", "normalized_score", "label", "error"])
+                w.writeheader()
+                w.writerows(journal.get("scores") or [])
+            tmp.rename(folder)
+    else:
+        move_batch(root, dataset, category, names, root / flows_params(root).retrain.incoming_dir / dataset / category)
+    restore(root, dataset)
+    return folder
+
+
+def recover(root: Path, dataset: str, logger) -> dict | None:
+    """Finish or undo a retrain of ``dataset`` that a crash interrupted (its journal is still there).
+
+    Decided (the decision is in the journal): the decision is applied again (tags and aliases are
+    idempotent), then finished as the flow would have (commit, or batch to review). Not decided:
+    the workspace goes back to the snapshot, the batch back to the incoming folder, and registry
+    versions the interrupted run registered are tagged ``decision=interrupted``."""
     from defectlab import champion
+
+    journal = read_journal(root, dataset)
+    if journal is None:
+        return None
+    category = journal["category"]
+    name = champion.model_name(journal["method"], dataset, category)
+    if journal.get("step") in ("decided", "applied"):
+        d = champion.Decision(**journal["decision"])
+        champion.apply_decision(name, journal["challenger_version"], d,
+                                extra_tags={"trigger": journal.get("trigger", ""), "batch": journal["batch"]})
+        if d.promote or journal.get("on_refuse") == "keep":
+            commit = commit_data_version(root, dataset, category, journal["commit_message"])
+            if commit:
+                champion.tag_version(name, journal["challenger_version"], {"data.git_commit": commit})
+        else:
+            undo_batch(root, dataset, category, journal, to_review=True)
+        logger.warning("finished the interrupted retrain of batch %s (%s)", journal["batch"],
+                       "promoted" if d.promote else "refused")
+    else:
+        before = int(journal.get("latest_version_before") or 0)
+        latest = champion.latest_version(name)
+        champ = champion.get_alias(name, champion.CHAMPION)
+        for v in range(before + 1, int(latest.version) + 1 if latest else 0):
+            if champ is None or str(v) != str(champ.version):
+                champion.tag_version(name, v, {"decision": "interrupted",
+                                               "decision.reason": f"retrain of batch {journal['batch']} was "
+                                                                  f"interrupted at step {journal.get('step')}; undone"})
+        undo_batch(root, dataset, category, journal, to_review=False)
+        logger.warning("undid the retrain of batch %s interrupted at step %s: workspace restored, its %d images "
+                       "are back in the incoming folder", journal["batch"], journal.get("step"),
+                       len(journal.get("files", [])))
+    clear_journal(root, dataset)
+    return journal
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(dataset: str, category: str, method: str | None = None, root: str = ".",
+                 force_reason: str | None = None, trigger: str = "retrain flow") -> dict:
+    """Validate incoming images, retrain the category, promote the challenger if not worse
+    (``force_reason``: promote anyway, the reason recorded; used by ``defectlab review accept``)."""
+    from filelock import Timeout
+
+    from defectlab.errors import DefectlabError
 
     logger = get_run_logger()
     root_p = Path(root).resolve()
     cfg = flows_params(root_p).retrain
     method = method or cfg.method
     setup_tracking(root_p)
-    lock_path = root_p / ".dvc" / "tmp" / f"defectlab-retrain-{dataset}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with FileLock(str(lock_path), timeout=cfg.lock_timeout_s):
-        logger.info("lock %s acquired after %.1fs", lock_path.name, time.perf_counter() - t0)
-        validation = validate_incoming(str(root_p), dataset, category)
-        name = champion.model_name(method, dataset, category)
-        current = champion.get_alias(name, champion.CHAMPION)
+    try:
+        with dataset_lock([dataset], root_p, timeout=cfg.lock_timeout_s):
+            logger.info("dataset lock acquired after %.1fs", time.perf_counter() - t0)
+            return _retrain(root_p, dataset, category, method, cfg, force_reason, trigger, logger)
+    except Timeout:
+        raise DefectlabError(f"dataset {dataset!r} is locked by another retrain or reproduce "
+                             f"({dataset_lock_path(dataset, root_p)}) for more than "
+                             f"flows.retrain.lock_timeout_s={cfg.lock_timeout_s}s") from None
+
+
+def _retrain(root_p: Path, dataset: str, category: str, method: str, cfg, force_reason, trigger, logger) -> dict:
+    from defectlab import champion
+
+    recover(root_p, dataset, logger)
+    validation = validate_incoming(str(root_p), dataset, category)
+    fault_point("retrain:validated")
+    name = champion.model_name(method, dataset, category)
+    current = champion.get_alias(name, champion.CHAMPION)
+    latest_before = champion.latest_version(name)
+    names, batch = [], None
+    if validation["accepted"]:
+        digest = hashlib.sha256("".join(sorted(a["sha256"] for a in validation["accepted"])).encode()).hexdigest()
+        batch = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{digest[:8]}"
+        snapshot(root_p, dataset)
+        write_journal(root_p, dataset, {"step": "snapshot", "batch": batch, "dataset": dataset, "category": category,
+                                        "method": method, "trigger": trigger, "on_refuse": cfg.on_refuse,
+                                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                        "latest_version_before": latest_before.version if latest_before else 0,
+                                        "files": []})
+    try:
         if validation["accepted"]:
-            add_to_training_set(str(root_p), dataset, category, validation["accepted"])
-        # always: also finishes a previous retrain whose stages failed after its data was committed
+            names = add_to_training_set(str(root_p), dataset, category, validation["accepted"], batch)
+        # always: also finishes stages a params or code change left stale
         stages_rerun = rerun_stages(str(root_p), method, dataset, category)
         latest = champion.latest_version(name)
         if latest is None:
@@ -243,15 +422,108 @@ def retrain_flow(dataset: str, category: str, method: str | None = None, root: s
                                                    or "decision" in (latest.tags or {}))
         if already_decided and "fit@" not in stages_rerun:
             logger.info("nothing new (no accepted images, stages up to date); champion v%s stays", current.version)
+            clear_journal(root_p, dataset)
             return {"promote": False, "reason": "nothing new to compare", "model": name,
                     "champion_version": str(current.version), "challenger_version": None,
-                    "rejected": validation["rejected"], "accepted": len(validation["accepted"])}
+                    "rejected": validation["rejected"], "accepted": len(validation["accepted"]), "batch": batch}
         champion_info = score_version(str(root_p), method, dataset, category, cfg.metric)
-        result = decide_and_promote(str(root_p), method, dataset, category, str(latest.version), champion_info,
-                                    validation, stages_rerun)
-        result["rejected"] = validation["rejected"]
-        result["accepted"] = len(validation["accepted"])
-        return result
+        decision = decide(str(root_p), method, dataset, category, champion_info, force_reason)
+        scores = batch_scores(root_p, method, dataset, category, names) if names else []
+        if batch:
+            write_journal(root_p, dataset, {**read_journal(root_p, dataset), "step": "decided", "decision": decision,
+                                            "challenger_version": str(latest.version), "scores": scores,
+                                            "champion_version": champion_info["version"] if champion_info else None,
+                                            "commit_message": f"retrain {dataset}/{category}: batch {batch}, "
+                                                              f"{len(names)} images; {name} v{latest.version} "
+                                                              f"{'promoted' if decision['promote'] else 'refused'}"})
+        result = apply_decision(str(root_p), method, dataset, category, str(latest.version), champion_info,
+                                validation, stages_rerun, decision, trigger, batch)
+    except Exception:
+        journal = read_journal(root_p, dataset)
+        if journal is not None:   # undo now (decided: finish now); a kill -9 leaves it to the next run
+            logger.error("retrain failed at step %s: recovering batch %s", journal.get("step"), journal.get("batch"))
+            recover(root_p, dataset, logger)
+        raise
+    if batch:
+        write_journal(root_p, dataset, {**read_journal(root_p, dataset), "step": "applied"})
+    result.update(rejected=validation["rejected"], accepted=len(validation["accepted"]), batch=batch, scores=scores)
+    if batch and not result["promote"] and cfg.on_refuse == "review":
+        folder = undo_batch(root_p, dataset, category, read_journal(root_p, dataset), to_review=True)
+        result["review"] = str(folder)
+        logger.warning("refused: workspace restored to the champion's data version; batch %s is in %s for "
+                       "`defectlab review accept|reject`", batch, folder)
+    elif batch:
+        commit = commit_data_version(root_p, dataset, category, read_journal(root_p, dataset)["commit_message"])
+        if commit:
+            champion.tag_version(name, result["challenger_version"], {"data.git_commit": commit})
+        result["git_commit"] = commit
+    clear_journal(root_p, dataset)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# review: a person decides on a refused batch
+# ---------------------------------------------------------------------------------------------
+def list_reviews(root: str, dataset: str, category: str) -> list[dict]:
+    """The batches waiting in the review folder, oldest first, with their decision."""
+    base = review_dir(Path(root).resolve(), dataset, category, "")
+    out = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []:
+        info = json.loads((folder / "decision.json").read_text())
+        out.append({"batch": folder.name, "images": len(list((folder / "images").iterdir())),
+                    "reason": (info.get("decision") or {}).get("reason"), "folder": str(folder)})
+    return out
+
+
+def _log_review(root: Path, dataset: str, category: str, batch: str, verdict: str, reason: str) -> None:
+    log = review_dir(root, dataset, category, "") / "reviewed.csv"
+    new = not log.exists()
+    with open(log, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["time", "batch", "verdict", "reason"])
+        w.writerow([datetime.now(timezone.utc).isoformat(timespec="seconds"), batch, verdict, reason])
+
+
+def _review_folder(root: Path, dataset: str, category: str, batch: str) -> Path:
+    from defectlab.errors import ResourceMissingError
+
+    folder = review_dir(root, dataset, category, batch)
+    if not (folder / "decision.json").exists():
+        waiting = ", ".join(r["batch"] for r in list_reviews(str(root), dataset, category)) or "none"
+        raise ResourceMissingError(f"{folder}: no batch {batch!r} waiting for review (waiting: {waiting})")
+    return folder
+
+
+def review_accept(root: str, dataset: str, category: str, batch: str, method: str | None = None) -> dict:
+    """A person vouches for a refused batch: its images go back to the incoming folder and are
+    retrained with the margin check skipped (the reason recorded on the version and the run)."""
+    root_p = Path(root).resolve()
+    folder = _review_folder(root_p, dataset, category, batch)
+    info = json.loads((folder / "decision.json").read_text())
+    incoming = root_p / flows_params(root_p).retrain.incoming_dir / dataset / category
+    incoming.mkdir(parents=True, exist_ok=True)
+    with dataset_lock([dataset], root_p):
+        for p in sorted((folder / "images").iterdir()):
+            shutil.move(str(p), incoming / p.name)
+        _log_review(root_p, dataset, category, batch, "accept", "accepted by a person: retrained without the margin check")
+        shutil.rmtree(folder)
+    return retrain_flow(dataset=dataset, category=category, method=method or info.get("method"), root=str(root_p),
+                        force_reason=f"batch {batch} accepted in review", trigger=f"review accept {batch}")
+
+
+def review_reject(root: str, dataset: str, category: str, batch: str, reason: str) -> dict:
+    """A person confirms a refused batch is bad: its images go to the quarantine with the reason."""
+    root_p = Path(root).resolve()
+    folder = _review_folder(root_p, dataset, category, batch)
+    quarantine = root_p / flows_params(root_p).retrain.quarantine_dir / dataset / category
+    with dataset_lock([dataset], root_p):
+        images = sorted((folder / "images").iterdir())
+        for p in images:
+            _quarantine(p, quarantine, f"rejected in review of batch {batch}: {reason}")
+        _log_review(root_p, dataset, category, batch, "reject", reason)
+        shutil.rmtree(folder)
+    return {"batch": batch, "quarantined": len(images), "quarantine": str(quarantine)}
 
 
 def serve(dataset: str, category: str, method: str | None = None, root: str = ".", cron: str | None = None) -> None:

@@ -20,7 +20,7 @@ def body(params, run):
             # the input example: any training image (not a second scan of the whole category)
             good = pipeline.Layout().prepared(args.dataset) / category / "train" / "good"
             example = min((p for p in good.iterdir() if p.suffix.lower() in IMAGE_EXTS), default=None)
-            version = child.register_pyfunc(name, model_dir, tags={"profile": params.profile,
+            version = child.register_pyfunc(name, model_dir, tags={"profile": params.profile, "trigger": "dvc repro",
                                                                    **pipeline.card_tags(model_dir)},
                                             content_sha256=pipeline.model_sha256(model_dir), example_image=example)
             champion.ensure_champion(name, version)

@@ -214,23 +214,55 @@ def test_retrain_promotes_better_challenger_and_quarantines_bad_files(project, f
     assert "changed" not in sh(["dvc", "status"], project)   # dvc.lock describes the new data version
 
 
-def test_retrain_refuses_worse_challenger(project, first_run):
+def tree_digest(root: Path, *parts: str) -> dict:
+    """{relative path: sha256} of every file under the given parts of ``root`` (what "byte-identical" means)."""
+    from defectlab.io import sha256_file
+
+    out = {}
+    for part in parts:
+        base = root / part
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
+        out.update({str(p.relative_to(root)): sha256_file(p) for p in files})
+    return out
+
+
+WORKSPACE = ("dvc.lock", "data/prepared/demo", "data/accepted", "data/synth/demo", "models/patchcore/demo",
+             "checkpoints/patchcore/demo", "metrics", "plots", "reports/results.md", "reports/maps")
+
+
+def test_retrain_refuses_worse_challenger_and_undoes_its_batch(project, first_run):
     from defectlab.champion import CHALLENGER, CHAMPION, get_alias
     from pipelines.retrain import retrain_flow
 
     champion_before = get_alias(f"patchcore-demo-{CAT}", CHAMPION)
     assert champion_before is not None, "run after the promotion test"
+    before = tree_digest(project, *WORKSPACE)
+    head = sh(["git", "rev-parse", "HEAD"], project).strip()
     incoming = project / "data/incoming/demo" / CAT
     incoming.mkdir(parents=True, exist_ok=True)
+    planted = []
     for p in sorted((project / f"data/prepared/demo/{CAT}/test").glob("*/*.png")):
         if p.parent.name != "good":   # anomalous images passed off as normal: a worse model
             shutil.copy(p, incoming / f"{p.parent.name}_{p.name}")
+            planted.append(p)
     res = retrain_flow(dataset="demo", category=CAT, method="patchcore", root=str(project))
     assert not res["promote"], res
     assert res["challenger_score"] < res["champion_score"] - 0.02, res
     assert str(get_alias(res["model"], CHAMPION).version) == str(champion_before.version)
     challenger = get_alias(res["model"], CHALLENGER)
     assert str(challenger.version) == res["challenger_version"] and challenger.tags["decision"] == "refused"
+    # no trace: dvc.lock, the training set, the archive, models/, metrics/ ... byte-identical; DVC agrees
+    assert tree_digest(project, *WORKSPACE) == before
+    assert "changed" not in sh(["dvc", "status"], project)
+    assert sh(["git", "rev-parse", "HEAD"], project).strip() == head   # nothing to commit
+    # the batch waits for review: every image, the decision, per-image scores worst first
+    review = Path(res["review"])
+    assert review.parent == project / "data/review/demo" / CAT and review.name == res["batch"]
+    assert len(list((review / "images").iterdir())) == len(planted) and not any(incoming.iterdir())
+    info = json.loads((review / "decision.json").read_text())
+    assert info["decision"]["promote"] is False and info["champion_version"] == str(champion_before.version)
+    scores = [r["score"] for r in info["scores"]]
+    assert len(scores) == len(planted) and scores == sorted(scores, reverse=True)
     import mlflow
 
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'retrain'")
@@ -238,15 +270,138 @@ def test_retrain_refuses_worse_challenger(project, first_run):
     assert runs["metrics.champion_score"].notna().all() and runs["metrics.challenger_score"].notna().all()
 
 
-def test_retrain_waits_for_the_dataset_lock(project, first_run):
-    from filelock import FileLock, Timeout
+def test_review_reject_quarantines_the_batch_with_the_reason(project, first_run):
+    from typer.testing import CliRunner
 
+    from defectlab.cli import app
+
+    waiting = sorted((project / "data/review/demo" / CAT).iterdir())
+    batch = next(p for p in waiting if p.is_dir())
+    n = len(list((batch / "images").iterdir()))
+    r = CliRunner().invoke(app, ["review", "reject", batch.name, "--dataset", "demo", "--category", CAT,
+                                 "--reason", "scratches on every part", "--root", str(project)])
+    assert r.exit_code == 0, r.output
+    assert not batch.exists()
+    rows = list(csv.DictReader(open(project / "data/quarantine/demo" / CAT / "quarantine.csv")))
+    rejected = [row for row in rows if "scratches on every part" in row["reason"]]
+    assert len(rejected) == n and all(batch.name in row["reason"] for row in rejected)
+    assert all((project / "data/quarantine/demo" / CAT / row["quarantined_as"]).exists() for row in rejected)
+    r = CliRunner().invoke(app, ["review", "accept", batch.name, "--dataset", "demo", "--category", CAT,
+                                 "--root", str(project)])
+    assert r.exit_code == 1 and "no batch" in r.output and "Traceback" not in r.output
+
+
+def _retrain_killed_at(project, fault: str):
+    """The retrain in its own process, killed (SIGKILL) at ``fault``."""
+    import subprocess
+
+    code = ("from pipelines.retrain import retrain_flow; "
+            f"retrain_flow(dataset='demo', category='{CAT}', method='patchcore', root='{project}')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DEFECTLAB_FAULT_AT": fault})
+    assert r.returncode == -9, (fault, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monkeypatch):
+    """kill -9 after the challenger is registered, a full disk while the model is written, kill -9
+    after the decision before the alias moves: each rerun finishes or undoes the previous one."""
+    from defectlab import champion
+    from defectlab.data.demo import generate_demo
+    from defectlab.inference import load
+    from pipelines.retrain import retrain_flow
+    from pipelines.workspace import read_journal
+
+    name = f"patchcore-demo-{CAT}"
+    extra = project.parent / "extra_faults"
+    generate_demo(extra, seed=3, image_size=64, n_train=4, n_test_good=0, n_test_per_defect=0, categories=[CAT])
+    incoming = project / "data/incoming/demo" / CAT
+    incoming.mkdir(parents=True, exist_ok=True)
+    for p in sorted((extra / CAT / "train/good").glob("*.png")):
+        shutil.copy(p, incoming / f"late_{p.name}")
+    batch_files = sorted(p.name for p in incoming.iterdir())
+    before = tree_digest(project, *WORKSPACE)
+    champ0 = champion.get_alias(name, champion.CHAMPION)
+    n_versions = int(champion.latest_version(name).version)
+
+    def champion_loads():
+        mv = champion.get_alias(name, champion.CHAMPION)
+        det = load(f"models:/{name}/{mv.version}", device="cpu", cache_dir=project.parent / f"dl_{mv.version}")
+        assert det.threshold["image"] is not None
+        return mv
+
+    # 1. killed after the stages reran (a challenger version is registered, nothing decided)
+    _retrain_killed_at(project, "retrain:stages-rerun")
+    j = read_journal(project, "demo")
+    assert j["step"] == "data-added" and sorted(j["files"]) and not any(incoming.iterdir())
+    assert str(champion_loads().version) == str(champ0.version)
+    # 2. the rerun undoes it first; then its own model write fails (disk full): undone at once
+    monkeypatch.setenv("DEFECTLAB_FAULT_AT", "fit:write:enospc")
+    with pytest.raises(Exception, match="No space left"):
+        retrain_flow(dataset="demo", category=CAT, method="patchcore", root=str(project))
+    monkeypatch.delenv("DEFECTLAB_FAULT_AT")
+    assert read_journal(project, "demo") is None
+    assert tree_digest(project, *WORKSPACE) == before
+    assert sorted(p.name for p in incoming.iterdir()) == batch_files          # back where they came from
+    assert str(champion_loads().version) == str(champ0.version)
+    interrupted = [v for v in range(n_versions + 1, int(champion.latest_version(name).version) + 1)
+                   if (champion._client().get_model_version(name, str(v)).tags or {}).get("decision") == "interrupted"]
+    assert len(interrupted) >= 1
+    # 3. killed after the decision, before the alias moved; 4. the rerun applies it and finishes
+    _retrain_killed_at(project, "retrain:before-alias")
+    j = read_journal(project, "demo")
+    assert j["step"] == "decided"
+    res = retrain_flow(dataset="demo", category=CAT, method="patchcore", root=str(project))
+    assert read_journal(project, "demo") is None and res["promote"] is False and res["reason"] == "nothing new to compare"
+    decided = champion._client().get_model_version(name, j["challenger_version"])
+    assert decided.tags["decision"] == ("promoted" if j["decision"]["promote"] else "refused")
+    good = project / f"data/prepared/demo/{CAT}/train/good"
+    kept = sorted(good.glob("incoming_*.png"))
+    if j["decision"]["promote"]:   # the batch is in the training set exactly once, committed to git
+        assert str(champion.get_alias(name, champion.CHAMPION).version) == j["challenger_version"]
+        assert len(kept) == sum("train/good/incoming_" in k for k in before) + 4
+        assert "retrain demo/" + CAT in sh(["git", "log", "-1", "--format=%s"], project)
+        assert decided.tags.get("data.git_commit")
+    else:                          # refused: in review, not in the training set
+        assert len(list((project / "data/review/demo" / CAT / j["batch"] / "images").iterdir())) == 4
+        assert tree_digest(project, *WORKSPACE) == before
+    assert not any(incoming.iterdir())
+    champion_loads()
+    assert "changed" not in sh(["dvc", "status"], project)
+
+
+def test_history_lists_versions_data_and_decisions(project, first_run):
+    from typer.testing import CliRunner
+
+    from defectlab.cli import app
+
+    r = CliRunner().invoke(app, ["history", "--dataset", "demo", "--category", CAT, "--root", str(project), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [row["version"] for row in rows] == sorted(row["version"] for row in rows)
+    decisions = {row["decision"] for row in rows}
+    assert {"first version", "promoted", "refused", "interrupted"} <= decisions, decisions
+    fitted = [row for row in rows if row["decision"] in ("first version", "promoted", "refused")]
+    assert all(row["data_manifest"] and row["n_train"] for row in fitted)        # which data each was fitted on
+    assert {row["trigger"] for row in fitted} >= {"dvc repro", "retrain flow"}
+    assert any(row["data_commit"] for row in rows if row["decision"] == "promoted")
+    assert sum("champion" in row["aliases"].split(",") for row in rows) == 1
+
+
+def test_retrain_waits_for_the_dataset_lock(project, first_run):
+    from filelock import FileLock
+
+    from defectlab.errors import DefectlabError
+    from defectlab.stagekit import dataset_lock_path
     from pipelines.retrain import retrain_flow
 
-    lock = FileLock(str(project / ".dvc/tmp/defectlab-retrain-demo.lock"))
-    with lock:   # another retrain of this dataset is running: this one waits (2 s here), then gives up
-        with pytest.raises(Timeout):
+    lock = FileLock(str(dataset_lock_path("demo", project)))
+    with lock:   # another retrain / reproduce of this dataset is running: this one waits (2 s here), then gives up
+        with pytest.raises(DefectlabError, match="locked by another retrain or reproduce"):
             retrain_flow(dataset="demo", category=CAT, method="patchcore", root=str(project))
+        # and a stage of plain `dvc repro` refuses to start (one line, no traceback)
+        r = __import__("subprocess").run(["dvc", "repro", "--force", "--single-item", "prepare@demo"], cwd=project,
+                                         capture_output=True, text=True, env={**os.environ})
+        assert r.returncode != 0 and "is locked by a running retrain or reproduce flow" in r.stdout + r.stderr
 
 
 def test_inspect_scores_a_folder_with_a_corrupt_file(project, first_run):

@@ -173,3 +173,28 @@ def load_champion(method: str, dataset: str, category: str, dst: Path, device="c
     folder = download_model(mv, dst)
     meta = json.loads((folder / "model.json").read_text())
     return get_method(meta["method"]).load(folder, device), mv, folder
+
+
+def history(dataset: str, category: str) -> list[dict]:
+    """Every registered version of every method's model of one category, oldest first: when, which
+    data (manifest hash, git commit of the data version), what triggered it, the decision and score."""
+    client = _client()
+    rows = []
+    suffix = f"-{dataset}-{category}"
+    for rm in client.search_registered_models(filter_string=f"name LIKE '%{suffix}'"):
+        if not rm.name.endswith(suffix):
+            continue
+        aliases = {}
+        for a, v in (rm.aliases or {}).items():
+            aliases.setdefault(str(v), []).append(a)
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            t = mv.tags or {}
+            score = next(((k[len("score."):], v) for k, v in t.items() if k.startswith("score.")), (None, None))
+            rows.append({"model": rm.name, "version": int(mv.version), "created": mv.creation_timestamp,
+                         "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                         "decision": t.get("decision", ""), "reason": t.get("decision.reason", ""),
+                         "metric": score[0] or "", "score": score[1] or "", "trigger": t.get("trigger", ""),
+                         "batch": t.get("batch", ""), "n_train": t.get("data.n_train", ""),
+                         "data_manifest": t.get("data.manifest_sha256", ""), "data_commit": t.get("data.git_commit", ""),
+                         "run_id": mv.run_id})
+    return sorted(rows, key=lambda r: (r["created"], r["model"], r["version"]))

@@ -305,7 +305,81 @@ def retrain_cmd(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
-@app.command("inspect")
+@app.command("review")
+def review_cmd(
+    action: str = typer.Argument(..., help="list | accept | reject"),
+    batch: Optional[str] = typer.Argument(None, help="batch id (a folder name under data/review/<ds>/<cat>/)"),
+    dataset: str = typer.Option(..., help="dataset name in params.yaml"),
+    category: str = typer.Option(..., help="category"),
+    reason: str = typer.Option("rejected by a person", help="reject: the reason written to quarantine.csv"),
+    root: Path = typer.Option(Path("."), help="project root"),
+) -> None:
+    """Decide on a batch a refused challenger left for review: accept (retrain with it, margin check
+    skipped) or reject (quarantine it with the reason)."""
+    root = _flows(root)
+    from pipelines import retrain as R
+
+    try:
+        if action == "list":
+            result = R.list_reviews(str(root), dataset, category)
+        elif action in ("accept", "reject") and batch:
+            result = (R.review_accept(str(root), dataset, category, batch) if action == "accept"
+                      else R.review_reject(str(root), dataset, category, batch, reason))
+        else:
+            from defectlab.errors import ConfigError
+
+            raise ConfigError(f"review: expected `list` or `accept|reject BATCH`, got {action!r} {batch or ''}")
+    except DefectlabError as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("history")
+def history_cmd(
+    dataset: str = typer.Option(..., help="dataset name in params.yaml"),
+    category: str = typer.Option(..., help="category"),
+    root: Path = typer.Option(Path("."), help="project root"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per model version"),
+) -> None:
+    """Model versions of a category (every method), the data each was fitted on, what triggered it
+    and the decision; then batches waiting for review."""
+    root = _flows(root)
+    from datetime import datetime, timezone
+
+    from defectlab import champion
+    from pipelines.common import setup_tracking
+    from pipelines.retrain import list_reviews
+
+    try:
+        setup_tracking(root)
+        rows = champion.history(dataset, category)
+        waiting = list_reviews(str(root), dataset, category)
+    except DefectlabError as err:
+        _fail(err)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{dataset}/{category}: model versions")
+    for col in ("model", "v", "created (UTC)", "alias", "trigger", "batch", "n_train", "data", "data commit",
+                "score", "decision"):
+        table.add_column(col)
+    for r in rows:
+        when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        score = f"{r['metric']}={float(r['score']):.3f}" if r["score"] else ""
+        table.add_row(r["model"], str(r["version"]), when, r["aliases"], r["trigger"], r["batch"], r["n_train"],
+                      r["data_manifest"][:12], r["data_commit"][:10], score, r["decision"])
+    console = Console(width=200)
+    console.print(table)
+    if waiting:
+        console.print(f"waiting for review ({len(waiting)}): " + ", ".join(f"{w['batch']} ({w['images']} images)"
+                                                                          for w in waiting))
+
+
+@app.command("inspect")@app.command("inspect")
 def inspect_cmd(
     folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of images to score"),
     dataset: str = typer.Option(...),

@@ -105,3 +105,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the recovery tests: when ``DEFECTLAB_FAULT_AT`` is ``name`` (kill -9 this
+    process) or ``name:enospc`` (raise "No space left on device" here), do it. A no-op otherwise."""
+    import errno
+    import signal
+
+    want = os.environ.get("DEFECTLAB_FAULT_AT", "")
+    if want == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if want == f"{name}:enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)

@@ -27,7 +27,7 @@ import numpy as np
 
 from defectlab.config import EvalParams, Params, SynthesisParams
 from defectlab.data.transform import resize_mode
-from defectlab.io import atomic_dir, sha256_file, write_json
+from defectlab.io import atomic_dir, atomic_path, fault_point, sha256_file, write_json
 
 
 #: the curves the evaluate stage writes for `dvc plots` (see metrics.curves)
@@ -166,12 +166,7 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
             samples = [*data.train, *data.validation, *data.test]
             verify_samples([s for s in samples if not {s.path, *s.mask_paths} <= verified])   # fail here, not later
             split = hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
-            cat_rows = [{"category": cat, "split": name, "path": s.path.relative_to(tmp).as_posix(),
-                         "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
-                         "masks": ";".join(m.relative_to(tmp).as_posix() for m in s.mask_paths),
-                         "sha256": sha256_file(s.path)}
-                        for name, part in (("train", split.train), ("test", split.test),
-                                           ("validation", split.validation)) for s in part]
+            cat_rows = _manifest_rows(tmp, cat, split)
             _write_manifest(tmp / cat / "manifest.csv", cat_rows)
             rows += cat_rows
             summary[cat] = {"train": len(data.train), "validation": len(split.validation), "test": len(data.test),
@@ -183,11 +178,35 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
 MANIFEST_FIELDS = ("category", "split", "path", "label", "defect_type", "kind", "masks", "sha256")
 
 
+def _manifest_rows(root: Path, category: str, split) -> list[dict]:
+    return [{"category": category, "split": name, "path": s.path.relative_to(root).as_posix(),
+             "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
+             "masks": ";".join(m.relative_to(root).as_posix() for m in s.mask_paths), "sha256": sha256_file(s.path)}
+            for name, part in (("train", split.train), ("test", split.test), ("validation", split.validation))
+            for s in part]
+
+
 def _write_manifest(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    # replaced, never written through: the DVC cache may hold the old file as a link
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def update_manifests(params: Params, dataset: str, category: str, layout: Layout = Layout()) -> int:
+    """Rewrite one category's rows of the prepared manifests (``<cat>/manifest.csv`` and the
+    dataset's ``manifest.csv``) after its files changed in place (the retrain flow adding or
+    removing training images), with the same validation split ``category_data`` computes.
+    Returns the number of rows written for the category."""
+    root = layout.prepared(dataset)
+    rows = _manifest_rows(root, category, category_data(params, dataset, category, layout))
+    _write_manifest(root / category / "manifest.csv", rows)
+    with open(root / "manifest.csv", newline="") as f:
+        others = [r for r in csv.DictReader(f) if r["category"] != category]
+    order = {c: i for i, c in enumerate(params.dataset(dataset).categories)}
+    _write_manifest(root / "manifest.csv", sorted(others + rows, key=lambda r: order.get(r["category"], len(order))))
+    return len(rows)
 
 
 def _link_mode_of(folder: Path) -> str:
@@ -485,6 +504,7 @@ def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layo
             if each is not None:
                 each(category, tmp / category, stats)
             out[category] = stats
+        fault_point("fit:write")
     return out
 
 

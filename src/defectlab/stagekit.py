@@ -42,6 +42,70 @@ def stage_lock(name: str, lock_dir: str | Path = ".dvc/tmp/defectlab-locks"):
         lock.release()
 
 
+HELD_ENV = "DEFECTLAB_DATASET_LOCKS_HELD"   # datasets whose lock a parent process (a flow) holds
+
+
+def dataset_lock_path(dataset: str, root: str | Path = ".") -> Path:
+    return Path(root) / ".dvc" / "tmp" / "defectlab-locks" / f"dataset-{dataset}.lock"
+
+
+@contextlib.contextmanager
+def dataset_lock(datasets, root: str | Path = ".", timeout: float = -1, wait_message: bool = True):
+    """Hold the lock of each dataset for the whole block: the one lock the retrain flow, the
+    reproduce flow and every stage of plain ``dvc repro`` share. Processes started inside the block
+    (``dvc`` and its stages) inherit ``DEFECTLAB_DATASET_LOCKS_HELD`` and do not take it again.
+    ``timeout``: seconds to wait (-1: forever); ``filelock.Timeout`` when it runs out."""
+    import os
+
+    from filelock import FileLock, Timeout
+
+    held = set(filter(None, os.environ.get(HELD_ENV, "").split(",")))
+    locks = []
+    try:
+        for ds in sorted(set(datasets) - held):
+            path = dataset_lock_path(ds, root)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if wait_message:
+                    print(f"waiting for {path}: another retrain or reproduce of dataset {ds!r} is running",
+                          file=sys.stderr, flush=True)
+                lock.acquire(timeout=timeout)
+            locks.append(lock)
+        before = os.environ.get(HELD_ENV)
+        os.environ[HELD_ENV] = ",".join(sorted(held | set(datasets)))
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = before
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+@contextlib.contextmanager
+def stage_dataset_guard(dataset: str):
+    """A stage of plain ``dvc repro`` holds its dataset's lock while it runs, and refuses to start
+    (one line, exit 2) while a retrain or reproduce flow of that dataset holds it: a retrain's
+    data and registry writes never interleave with a stage reading them."""
+    from filelock import Timeout
+
+    if dataset in ("all", ""):
+        yield
+        return
+    try:
+        with dataset_lock([dataset], timeout=0, wait_message=False):
+            yield
+    except Timeout:
+        raise DefectlabError(f"dataset {dataset!r} is locked by a running retrain or reproduce flow "
+                             f"({dataset_lock_path(dataset)}); run `dvc repro` again when it has finished") from None
+
+
 def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, dataset: str,
               method: str | None = None, category: str | None = None, params_file: str = "params.yaml",
               log_params: dict | None = None) -> None:
@@ -55,7 +119,7 @@ def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, da
     try:
         params = Params.load(params_file)
         dvc_stage = stage + "@" + "-".join(x for x in (method, dataset, category) if x)
-        with stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
+        with stage_dataset_guard(dataset), stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, params={"profile": params.profile, "seed": params.seed,
                                                           "device": params.device, **(log_params or {})},
                                 config=params.tracking, dvc_stage=dvc_stage) as run:
