@@ -271,24 +271,21 @@ def test_retrain_refuses_worse_challenger_and_undoes_its_batch(project, first_ru
 
 
 def test_review_reject_quarantines_the_batch_with_the_reason(project, first_run):
-    from typer.testing import CliRunner
+    from defectlab.errors import ResourceMissingError
+    from pipelines.retrain import list_reviews, review_accept, review_reject
 
-    from defectlab.cli import app
-
-    waiting = sorted((project / "data/review/demo" / CAT).iterdir())
-    batch = next(p for p in waiting if p.is_dir())
-    n = len(list((batch / "images").iterdir()))
-    r = CliRunner().invoke(app, ["review", "reject", batch.name, "--dataset", "demo", "--category", CAT,
-                                 "--reason", "scratches on every part", "--root", str(project)])
-    assert r.exit_code == 0, r.output
-    assert not batch.exists()
+    waiting = list_reviews(str(project), "demo", CAT)
+    assert len(waiting) == 1
+    batch = Path(waiting[0]["folder"])
+    n = waiting[0]["images"]
+    res = review_reject(str(project), "demo", CAT, batch.name, "scratches on every part")
+    assert res["quarantined"] == n and not batch.exists()
     rows = list(csv.DictReader(open(project / "data/quarantine/demo" / CAT / "quarantine.csv")))
     rejected = [row for row in rows if "scratches on every part" in row["reason"]]
     assert len(rejected) == n and all(batch.name in row["reason"] for row in rejected)
     assert all((project / "data/quarantine/demo" / CAT / row["quarantined_as"]).exists() for row in rejected)
-    r = CliRunner().invoke(app, ["review", "accept", batch.name, "--dataset", "demo", "--category", CAT,
-                                 "--root", str(project)])
-    assert r.exit_code == 1 and "no batch" in r.output and "Traceback" not in r.output
+    with pytest.raises(ResourceMissingError, match="no batch"):
+        review_accept(str(project), "demo", CAT, batch.name)
 
 
 def _retrain_killed_at(project, fault: str):
@@ -318,7 +315,12 @@ def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monke
     incoming.mkdir(parents=True, exist_ok=True)
     for p in sorted((extra / CAT / "train/good").glob("*.png")):
         shutil.copy(p, incoming / f"late_{p.name}")
-    batch_files = sorted(p.name for p in incoming.iterdir())
+    from defectlab.io import sha256_file
+
+    def contents():   # names change (the archive names files by digest); contents must not
+        return sorted(sha256_file(p) for p in incoming.iterdir())
+
+    batch_files = contents()
     before = tree_digest(project, *WORKSPACE)
     champ0 = champion.get_alias(name, champion.CHAMPION)
     n_versions = int(champion.latest_version(name).version)
@@ -341,7 +343,7 @@ def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monke
     monkeypatch.delenv("DEFECTLAB_FAULT_AT")
     assert read_journal(project, "demo") is None
     assert tree_digest(project, *WORKSPACE) == before
-    assert sorted(p.name for p in incoming.iterdir()) == batch_files          # back where they came from
+    assert contents() == batch_files                                          # back where they came from
     assert str(champion_loads().version) == str(champ0.version)
     interrupted = [v for v in range(n_versions + 1, int(champion.latest_version(name).version) + 1)
                    if (champion._client().get_model_version(name, str(v)).tags or {}).get("decision") == "interrupted"]
@@ -370,13 +372,9 @@ def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monke
 
 
 def test_history_lists_versions_data_and_decisions(project, first_run):
-    from typer.testing import CliRunner
+    from defectlab.champion import history
 
-    from defectlab.cli import app
-
-    r = CliRunner().invoke(app, ["history", "--dataset", "demo", "--category", CAT, "--root", str(project), "--json"])
-    assert r.exit_code == 0, r.output
-    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    rows = history("demo", CAT)
     assert [row["version"] for row in rows] == sorted(row["version"] for row in rows)
     decisions = {row["decision"] for row in rows}
     assert {"first version", "promoted", "refused", "interrupted"} <= decisions, decisions

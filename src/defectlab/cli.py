@@ -379,7 +379,7 @@ def history_cmd(
                                                                           for w in waiting))
 
 
-@app.command("inspect")@app.command("inspect")
+@app.command("inspect")
 def inspect_cmd(
     folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of images to score"),
     dataset: str = typer.Option(...),
