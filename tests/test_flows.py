@@ -306,8 +306,10 @@ def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monke
     from defectlab.data.demo import generate_demo
     from defectlab.inference import load
     from pipelines.retrain import retrain_flow
+    from pipelines.common import setup_tracking
     from pipelines.workspace import read_journal
 
+    setup_tracking(project)
     name = f"patchcore-demo-{CAT}"
     extra = project.parent / "extra_faults"
     generate_demo(extra, seed=3, image_size=64, n_train=4, n_test_good=0, n_test_per_defect=0, categories=[CAT])
