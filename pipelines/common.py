@@ -37,6 +37,10 @@ class RetrainParams(StrictModel):
     on_refuse: Literal["review", "keep"] = Field(
         "review", description="review: undo the batch (workspace back to the champion's data) and move it to "
                               "review_dir; keep: the batch stays in the training set")
+    retrain_backbone: bool = Field(
+        False, description="true: the batch also joins the dataset-level training set (pretrain_manifest.csv), so "
+                           "the shared backbone and the methods' pretraining retrain; false: only the category's "
+                           "trainings and the method's fit rerun")
     min_size: int = Field(32, ge=1, description="smallest accepted image side in pixels")
     lock_timeout_s: float = Field(3600, gt=0, description="wait this long for another retrain of the dataset")
 

@@ -17,9 +17,12 @@ reached (``pipelines.workspace``):
    accepted images (one *batch*, id ``<UTC time>-<digest>``) are moved to
    ``<accepted_dir>/<ds>/<cat>/`` and copied into ``data/prepared/<ds>/<cat>/train/good/``, the
    category's manifests are rewritten and ``dvc commit`` records the new version of ``prepare``.
+   The dataset-level training set (``pretrain_manifest.csv``) is left alone unless
+   ``flows.retrain.retrain_backbone`` is true, so the shared backbone and pretraining do not rerun.
 4. **rerun affected stages**: ``dvc repro evaluate@<m>-<ds>`` (DVC reruns what depends on the
    changed category: its synthesis cache and trainings, the method's fit and evaluate) and the
-   report. The fit stage registers a new model version for the changed category only.
+   report. The fit stage refits the changed category only (the others' models are reused) and
+   registers a new model version for it.
 5. **compare** on the held-out test set: the challenger's score is the evaluate stage's metric;
    the champion is re-scored now on the same test set.
 6. **decide** (``defectlab.champion.decide``, or promotion forced by ``defectlab review accept``)
@@ -138,6 +141,8 @@ def add_to_training_set(root: str, dataset: str, category: str, accepted: list[d
         shutil.move(str(src), archive / name)
     with in_dir(root_p):
         pipeline.update_manifests(Params.load("params.yaml"), dataset, category)
+        if cfg.retrain_backbone:
+            pipeline.refresh_pretrain_manifest(dataset)
     run_dvc(["commit", "--force", f"prepare@{dataset}"], root_p)
     write_journal(root_p, dataset, {**read_journal(root_p, dataset), "step": "data-added"})
     fault_point("retrain:data-added")
@@ -217,9 +222,7 @@ def apply_decision(root: str, method: str, dataset: str, category: str, challeng
                    champion_info: dict | None, validation: dict, stages_rerun: str, decision: dict,
                    trigger: str, batch: str | None) -> dict:
     from defectlab import champion, pipeline, tracking
-    from defectlab.backbones import resolve_device
     from defectlab.config import Params
-    from defectlab.methods import get_method
 
     logger = get_run_logger()
     rc = flows_params(Path(root)).retrain
@@ -227,8 +230,7 @@ def apply_decision(root: str, method: str, dataset: str, category: str, challeng
     d = champion.Decision(**decision)
     with in_dir(Path(root)):
         params = Params.load("params.yaml")
-        model = get_method(method).load(pipeline.Layout().model(method, dataset, category), resolve_device(params.device))
-        thr = champion.model_threshold(model)
+        thr = champion.model_threshold(pipeline.Layout().model(method, dataset, category))
         fault_point("retrain:before-alias")
         champion.apply_decision(name, challenger_version, d,
                                 extra_tags={**thr, "trigger": trigger, **({"batch": batch} if batch else {})})
@@ -294,8 +296,23 @@ def move_batch(root: Path, dataset: str, category: str, names: list[str], dst: P
     return moved
 
 
+def review_root(root: Path, dataset: str, category: str) -> Path:
+    """The category's review folder: one sub-folder per batch, plus reviewed.csv."""
+    return root / flows_params(root).retrain.review_dir / dataset / category
+
+
 def review_dir(root: Path, dataset: str, category: str, batch: str) -> Path:
-    return root / flows_params(root).retrain.review_dir / dataset / category / batch
+    return review_root(root, dataset, category) / batch
+
+
+def keep_data_version(root: Path, dataset: str, category: str, name: str, version: str, message: str) -> str | None:
+    """The batch stays: commit the data version (``commit_data_version``) and tag its hash on the version."""
+    from defectlab import champion
+
+    commit = commit_data_version(root, dataset, category, message)
+    if commit:
+        champion.tag_version(name, version, {"data.git_commit": commit})
+    return commit
 
 
 def undo_batch(root: Path, dataset: str, category: str, journal: dict, to_review: bool) -> Path | None:
@@ -342,9 +359,7 @@ def recover(root: Path, dataset: str, logger) -> dict | None:
         champion.apply_decision(name, journal["challenger_version"], d,
                                 extra_tags={"trigger": journal.get("trigger", ""), "batch": journal["batch"]})
         if d.promote or journal.get("on_refuse") == "keep":
-            commit = commit_data_version(root, dataset, category, journal["commit_message"])
-            if commit:
-                champion.tag_version(name, journal["challenger_version"], {"data.git_commit": commit})
+            keep_data_version(root, dataset, category, name, journal["challenger_version"], journal["commit_message"])
         else:
             undo_batch(root, dataset, category, journal, to_review=True)
         logger.warning("finished the interrupted retrain of batch %s (%s)", journal["batch"],
@@ -446,17 +461,16 @@ def _retrain(root_p: Path, dataset: str, category: str, method: str, cfg, force_
         raise
     if batch:
         write_journal(root_p, dataset, {**read_journal(root_p, dataset), "step": "applied"})
-    result.update(rejected=validation["rejected"], accepted=len(validation["accepted"]), batch=batch, scores=scores)
+    result.update(rejected=validation["rejected"], accepted=len(validation["accepted"]), batch=batch, scores=scores,
+                  stages_rerun=stages_rerun)
     if batch and not result["promote"] and cfg.on_refuse == "review":
         folder = undo_batch(root_p, dataset, category, read_journal(root_p, dataset), to_review=True)
         result["review"] = str(folder)
         logger.warning("refused: workspace restored to the champion's data version; batch %s is in %s for "
                        "`defectlab review accept|reject`", batch, folder)
     elif batch:
-        commit = commit_data_version(root_p, dataset, category, read_journal(root_p, dataset)["commit_message"])
-        if commit:
-            champion.tag_version(name, result["challenger_version"], {"data.git_commit": commit})
-        result["git_commit"] = commit
+        result["git_commit"] = keep_data_version(root_p, dataset, category, name, result["challenger_version"],
+                                                 read_journal(root_p, dataset)["commit_message"])
     clear_journal(root_p, dataset)
     return result
 
@@ -466,7 +480,7 @@ def _retrain(root_p: Path, dataset: str, category: str, method: str, cfg, force_
 # ---------------------------------------------------------------------------------------------
 def list_reviews(root: str, dataset: str, category: str) -> list[dict]:
     """The batches waiting in the review folder, oldest first, with their decision."""
-    base = review_dir(Path(root).resolve(), dataset, category, "")
+    base = review_root(Path(root).resolve(), dataset, category)
     out = []
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []:
         info = json.loads((folder / "decision.json").read_text())
@@ -476,7 +490,7 @@ def list_reviews(root: str, dataset: str, category: str) -> list[dict]:
 
 
 def _log_review(root: Path, dataset: str, category: str, batch: str, verdict: str, reason: str) -> None:
-    log = review_dir(root, dataset, category, "") / "reviewed.csv"
+    log = review_root(root, dataset, category) / "reviewed.csv"
     new = not log.exists()
     with open(log, "a", newline="") as f:
         w = csv.writer(f)

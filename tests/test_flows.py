@@ -208,6 +208,7 @@ def test_retrain_promotes_better_challenger_and_quarantines_bad_files(project, f
     assert not any(incoming.iterdir())
     assert len(list((project / f"data/prepared/demo/{CAT}/train/good").glob("incoming_*.png"))) == 4
     assert res["champion_version"] == bad_version
+    assert "fit@patchcore-demo" in res["stages_rerun"] and "pretrain@" not in res["stages_rerun"], res
     assert res["promote"], res
     assert res["challenger_score"] > res["champion_score"] + 0.1, res
     assert str(get_alias(res["model"], CHAMPION).version) == res["challenger_version"]

@@ -126,3 +126,51 @@ def test_killed_stage_leaves_previous_output_and_next_repro_finishes_it(project)
     sh(["dvc", "repro"], proj, env)                                   # the next run finishes the job
     assert model.read_bytes() != before
     assert _dirty_stages(proj, env) == set()
+
+
+def test_new_images_in_one_category_rerun_only_that_category(project):
+    """What a retrain does to the data (images added to one category's train/good, manifests
+    rewritten, `dvc commit`): the shared backbone and the pretraining stay up to date, `fit`
+    refits that category and copies the other's model byte for byte, registering nothing new for it."""
+    import shutil
+
+    from defectlab import pipeline
+    from defectlab.config import Params
+    from defectlab.data.demo import generate_demo
+    from mlflow import MlflowClient
+
+    proj, env, _ = project
+
+    def files(rel):
+        root = proj / rel
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def versions(name):
+        client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+        return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+    before = {rel: files(rel) for rel in ("models/patchcore/demo/board", "models/padim/demo/board",
+                                          "models/backbone/demo", "checkpoints")}
+    board_versions = versions("patchcore-demo-board")
+    weave_before = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())["data"]
+    extra = proj.parent / "extra_images"
+    generate_demo(extra, seed=5, image_size=64, n_train=2, n_test_good=0, n_test_per_defect=0, categories=["weave"])
+    good = proj / "data/prepared/demo/weave/train/good"
+    for p in sorted((extra / "weave/train/good").glob("*.png")):
+        shutil.copy(p, good / f"incoming_{p.name}")
+    params = Params.load(proj / "params.yaml")
+    pipeline.update_manifests(params, "demo", "weave", pipeline.Layout(proj))
+    sh(["dvc", "commit", "--force", "prepare@demo"], proj, env)
+
+    dirty = _dirty_stages(proj, env)
+    assert {"fit@patchcore-demo", "fit@padim-demo"} <= dirty, dirty
+    assert not any(s.startswith(("backbone@", "pretrain@", "prepare@")) for s in dirty), dirty
+    out = sh(["dvc", "repro"], proj, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    assert not any(s.startswith(("backbone@", "pretrain@")) for s in ran), ran
+    assert {rel: files(rel) for rel in before} == before        # board's models, backbone, checkpoints as they were
+    assert versions("patchcore-demo-board") == board_versions
+    weave = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())["data"]
+    assert weave["n_train"] == len(pipeline.category_data(params, "demo", "weave", pipeline.Layout(proj)).train)
+    assert weave["n_train"] > weave_before["n_train"] and weave["fit_inputs_sha256"] != weave_before["fit_inputs_sha256"]
+    assert _dirty_stages(proj, env) == set()

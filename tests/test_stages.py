@@ -96,6 +96,49 @@ def test_synthesis_is_identical_for_an_unchanged_category(tmp_path, monkeypatch)
         {k: v for k, v in second.items() if k.startswith("tray/")}
 
 
+def test_dataset_level_stages_read_the_pinned_training_set_not_the_dataset_folder():
+    deps = _stage_deps(ROOT)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pinned = "data/prepared/demo/pretrain_manifest.csv"
+    for stage in ["backbone@demo", *(f"pretrain@{m}-demo" for m in params["run"]["methods"])]:
+        assert pinned in deps[stage] and "data/prepared/demo" not in deps[stage], (stage, deps[stage])
+
+
+def test_pretrain_images_are_the_pinned_training_images_checked_by_hash(tmp_path):
+    """prepare pins the train split (validation images excluded); a retrain's new image in one
+    category leaves the pin as it was; a file changed under the pin is an error, not read."""
+    import csv
+    import shutil
+
+    from defectlab import pipeline
+    from defectlab.config import Params
+    from defectlab.errors import DatasetError
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["run"]["categories"] = raw["datasets"]["demo"]["categories"] = ["weave", "tray"]
+    raw["datasets"]["demo"]["generator"] = {"image_size": 32, "n_train": 10, "n_test_good": 1, "n_test_per_defect": 1}
+    params, layout = Params(raw), pipeline.Layout(tmp_path)
+    pipeline.prepare(params, "demo", layout)
+    pinned = pipeline.pretrain_images("demo", ["weave", "tray"], layout)
+    for cat in ("weave", "tray"):
+        data = pipeline.category_data(params, "demo", cat, layout)
+        assert data.validation and sorted(pinned[cat]) == sorted(s.path for s in data.train)
+        assert not {s.path for s in data.validation} & set(pinned[cat])
+    manifest = (tmp_path / "data/prepared/demo" / pipeline.PRETRAIN_MANIFEST).read_bytes()
+    good = layout.prepared("demo") / "tray/train/good"
+    shutil.copy(sorted(good.iterdir())[0], good / "incoming_new.png")
+    pipeline.update_manifests(params, "demo", "tray", layout)
+    assert (tmp_path / "data/prepared/demo" / pipeline.PRETRAIN_MANIFEST).read_bytes() == manifest
+    assert good / "incoming_new.png" not in pipeline.pretrain_images("demo", ["tray"], layout)["tray"]
+    assert pipeline.refresh_pretrain_manifest("demo", layout) == sum(
+        1 for r in csv.DictReader(open(layout.prepared("demo") / "manifest.csv")) if r["split"] == "train")
+    assert good / "incoming_new.png" in pipeline.pretrain_images("demo", ["tray"], layout)["tray"]
+    victim = pinned["weave"][0]
+    victim.write_bytes(victim.read_bytes() + b"x")
+    with pytest.raises(DatasetError, match=f"{victim.name}: changed since"):
+        pipeline.pretrain_images("demo", ["weave"], layout)
+
+
 # ---- phase configs: a stage depends only on the config fields its phase reads ---------------
 def _cfg(name, **over):
     from defectlab.methods import get_method

@@ -76,12 +76,16 @@ def decide(challenger_score: float, champion_score: float | None, *, metric: str
 # ---------------------------------------------------------------------------------------------
 # thresholds
 # ---------------------------------------------------------------------------------------------
-def model_threshold(model) -> dict:
-    """The image threshold the model's own model.json holds (chosen on validation images at fit
+def model_threshold(model_dir) -> dict:
+    """The image threshold a model folder's model.json holds (chosen on validation images at fit
     time, defectlab.calibration), as the registry tags the flows write."""
-    t = model.card.get("threshold") or {}
+    import json
+    from pathlib import Path
+
+    info = json.loads((Path(model_dir) / "model.json").read_text())
+    t = info.get("threshold") or {}
     if t.get("image") is None:
-        raise ResourceMissingError(f"{model.name} model has no threshold in its model.json "
+        raise ResourceMissingError(f"{model_dir}: the {info.get('method')} model has no threshold in its model.json "
                                    f"({t.get('reason', 'fitted before model.json format 2')}); refit it (dvc repro)")
     return {"threshold": t["image"], "threshold.rule": t.get("rule", ""), "threshold.source": t.get("source", ""),
             "threshold.n": int(t.get("n_normal", 0)) + int(t.get("n_anomalous", 0))}

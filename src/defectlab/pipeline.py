@@ -17,7 +17,9 @@ Paths (relative to the repository root, see docs/architecture.md):
 from __future__ import annotations
 
 import csv
+import json
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,7 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
             summary[cat] = {"train": len(data.train), "validation": len(split.validation), "test": len(data.test),
                             "link_mode": modes[cat]}
         _write_manifest(tmp / "manifest.csv", rows)
+        _write_manifest(tmp / PRETRAIN_MANIFEST, [r for r in rows if r["split"] == "train"])
     return summary
 
 
@@ -207,6 +210,46 @@ def update_manifests(params: Params, dataset: str, category: str, layout: Layout
     order = {c: i for i, c in enumerate(params.dataset(dataset).categories)}
     _write_manifest(root / "manifest.csv", sorted(others + rows, key=lambda r: order.get(r["category"], len(order))))
     return len(rows)
+
+
+#: The normal training images the dataset-level stages (``backbone``, ``pretrain``) read, written by
+#: ``prepare`` and left alone when the retrain flow adds images to one category: those stages depend
+#: on this file, not on ``data/prepared/<ds>``, so a one-category retrain does not retrain the shared
+#: backbone. A full ``prepare`` (``dvc repro --force prepare@<ds>``) or a retrain with
+#: ``flows.retrain.retrain_backbone: true`` refreshes it from the current training sets.
+PRETRAIN_MANIFEST = "pretrain_manifest.csv"
+
+
+def refresh_pretrain_manifest(dataset: str, layout: Layout = Layout()) -> int:
+    """Pin the current training images of every category (the train rows of ``manifest.csv``) as
+    the dataset-level training set; returns their number."""
+    root = layout.prepared(dataset)
+    with open(root / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    _write_manifest(root / PRETRAIN_MANIFEST, rows)
+    return len(rows)
+
+
+def pretrain_images(dataset: str, categories, layout: Layout = Layout()) -> dict[str, list[Path]]:
+    """The pinned dataset-level training images per category, each checked against its recorded
+    sha256 (the stages depend on the manifest, so a file changed under it is an error, not used)."""
+    from defectlab.errors import DatasetError
+
+    root = layout.prepared(dataset)
+    path = root / PRETRAIN_MANIFEST
+    if not path.exists():
+        raise DatasetError(path, f"missing; prepared by an older version: run `dvc repro --force prepare@{dataset}`")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    images: dict[str, list[Path]] = {c: [] for c in categories}
+    for r in rows:
+        if r["category"] in images:
+            p = root / r["path"]
+            if not p.exists() or sha256_file(p) != r["sha256"]:
+                raise DatasetError(p, f"{'changed' if p.exists() else 'missing'} since {path} pinned it; "
+                                      f"run `dvc repro --force prepare@{dataset}` to rebuild the dataset")
+            images[r["category"]].append(p)
+    return images
 
 
 def _link_mode_of(folder: Path) -> str:
@@ -313,6 +356,7 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
                               out_dir=tmp, image_size=spec.image_size, seed=params.seed,
                               device=resolve_device(params.device), progress=progress,
+                              images=pretrain_images(dataset, spec.categories, layout),
                               work_dir=layout.root / "work" / method / dataset / "pretrain")
         seed_everything(params.seed)
         # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
@@ -338,6 +382,7 @@ def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), prog
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
                               out_dir=tmp, image_size=spec.image_size, seed=params.seed,
                               device=resolve_device(params.device), progress=progress,
+                              images=pretrain_images(dataset, spec.categories, layout),
                               work_dir=layout.root / "work" / "backbone" / dataset / "ds2")
         seed_everything(params.seed)
         with resize_mode(spec.resize):
@@ -436,7 +481,7 @@ def train_and_fit(cls, cfg, ctx, train_dir: Path, device=None):
 
 
 def fit(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(), progress: bool = True,
-        out_dir: Path | None = None):
+        out_dir: Path | None = None, inputs_sha256: str | None = None):
     """Fit one method on one category; returns (method instance, fit stats). Saves the model atomically
     to ``out_dir`` (default ``layout.model(...)``). A training method reads its `train` stage output
     (``ctx.train_dir``)."""
@@ -451,6 +496,8 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
         stats["peak_rss_mb_fit"] = peak_rss_mb()
         model.meta["fit"] = stats
         model.card = model_card(params, model, dataset, category, ctx.data, layout)
+        model.card["data"]["fit_inputs_sha256"] = inputs_sha256 or fit_inputs_sha256(params, method, dataset,
+                                                                                        category, layout)
     model.save(out_dir or layout.model(method, dataset, category))
     return model, stats
 
@@ -492,15 +539,74 @@ def model_card(params: Params, model, dataset: str, category: str, data, layout:
     return card
 
 
+def _tree_sha256(folder: Path) -> str | None:
+    """Digest of a folder's files (relative paths and contents), or of one file; None when absent."""
+    import hashlib
+
+    if not folder.exists():
+        return None
+    if folder.is_file():
+        return sha256_file(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(folder).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
+    """Digest of everything fitting one category reads: the method's resolved config, the dataset
+    spec, seed / device / profile, calibration, the category's manifest (every image by sha256),
+    the method's pretrain + train checkpoints of this category, the dataset's backbone, the
+    package's source and the library versions. Equal digests mean the fit would be redone from the
+    same inputs: the `fit` stage reuses the model instead (``fit_dataset``)."""
+    import hashlib
+
+    import defectlab
+    from defectlab.tracking import versions
+
+    _, cfg = load_method_config(params, method)
+    ev = params.section("evaluation", "eval", EvalParams)
+    src = Path(defectlab.__file__).parent
+    key = {"method": method, "config": cfg.model_dump(mode="json"),
+           "dataset": params.dataset(dataset).model_dump(mode="json"), "seed": params.seed,
+           "device": params.device, "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
+           "eval_batch_size": ev.batch_size, "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
+           "pretrain": _tree_sha256(layout.pretrain(method, dataset)),
+           "train": _tree_sha256(layout.trained(method, dataset, category)),
+           "backbone": _tree_sha256(layout.backbone(dataset)),
+           "code": hashlib.sha256("".join(f"{p.relative_to(src)}:{sha256_file(p)}" for p in sorted(src.rglob("*.py")))
+                                  .encode()).hexdigest(),
+           "versions": versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable_model(model_dir: Path, inputs_sha256: str) -> bool:
+    try:
+        info = json.loads((model_dir / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("data") or {}).get("fit_inputs_sha256") == inputs_sha256 and (model_dir / "model.safetensors").exists()
+
+
 def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
                 each: Callable[[str, Path, dict], None] | None = None) -> dict:
     """The `fit` stage: fit ``method`` on every category of ``run.categories``; ``models/<m>/<ds>/``
-    is replaced as a whole at the end (an interrupted fit leaves the previous models). ``each(category,
-    model_dir, stats)`` runs after each category (the stage logs it to MLflow)."""
+    is replaced as a whole at the end (an interrupted fit leaves the previous models). A category
+    whose fit inputs are unchanged (``fit_inputs_sha256`` equals the one in its model.json: e.g.
+    the other categories when a retrain added images to one) keeps its model, copied byte for byte,
+    and its stats say ``reused: 1``. ``each(category, model_dir, stats)`` runs after each category
+    that was fitted (the stage logs and registers it)."""
     out = {}
     with atomic_dir(layout.models(method, dataset)) as tmp:
         for category in params.run.categories:
-            _, stats = fit(params, method, dataset, category, layout, progress, out_dir=tmp / category)
+            inputs = fit_inputs_sha256(params, method, dataset, category, layout)
+            old = layout.model(method, dataset, category)
+            if _reusable_model(old, inputs):
+                shutil.copytree(old, tmp / category)
+                out[category] = {"reused": 1}
+                continue
+            _, stats = fit(params, method, dataset, category, layout, progress, out_dir=tmp / category,
+                           inputs_sha256=inputs)
             if each is not None:
                 each(category, tmp / category, stats)
             out[category] = stats

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Literal
 
 import numpy as np

@@ -63,6 +63,18 @@ class PretrainContext:
     synth_root: Path | None = None  # data/synth/<dataset> (one folder per category)
     work_dir: Path | None = None    # scratch (checkpoints for resumable training)
     progress: bool = True
+    #: the normal training images per category the pipeline pinned for dataset-level training
+    #: (``data/prepared/<ds>/pretrain_manifest.csv``: validation images excluded, images a retrain
+    #: added since left out); None: every ``train/good`` image under ``data_root`` (tests, benchmark)
+    images: dict[str, list[Path]] | None = None
+
+    def train_images(self, category: str) -> list[Path]:
+        """The normal images of ``category`` a dataset-level training may read."""
+        if self.images is not None:
+            return list(self.images[category])
+        from defectlab.data import scan_category
+
+        return [s.path for s in scan_category(self.data_root, category).train]
 
 
 @dataclass

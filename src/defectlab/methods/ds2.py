@@ -517,9 +517,7 @@ class DS2(AnomalyMethod):
     # ---- pretraining --------------------------------------------------------------------
     @classmethod
     def pretrain(cls, config: DS2Config, ctx: PretrainContext) -> dict:
-        from defectlab.data import scan_category
-
-        groups = {c: [s.path for s in scan_category(ctx.data_root, c).train] for c in ctx.categories}
+        groups = {c: ctx.train_images(c) for c in ctx.categories}
         if not config.per_category:
             groups = {None: [p for c in ctx.categories for p in groups[c]]}
         stats: dict = {}

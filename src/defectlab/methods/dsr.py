@@ -64,7 +64,6 @@ never sees them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -81,7 +80,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from defectlab.config import StrictModel
-from defectlab.data import load_image, scan_category
+from defectlab.data import load_image
 from defectlab.data.mvtec import IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
 from defectlab.errors import ConfigError, ResourceMissingError
 from defectlab.io import sha256_file, write_json
@@ -547,7 +546,7 @@ def general_image_set(cfg: DSRConfig, ctx: PretrainContext) -> tuple[GeneralImag
             raise ResourceMissingError(f"{root}: general_images holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
                                        "point it at an image folder (e.g. ImageNet train) or set it to null")
         return GeneralImages(files, [], ctx.image_size), f"general_images folder {root} ({len(files)} images)"
-    files = [s.path for cat in ctx.categories for s in scan_category(ctx.data_root, cat).train]
+    files = [p for cat in ctx.categories for p in ctx.train_images(cat)]
     arrays = [procedural_texture((ctx.image_size, ctx.image_size), np.random.default_rng([ctx.seed, i]))
               for i in range(cfg.n_procedural_textures)]
     desc = (f"default general set: {len(files)} normal train images of {ctx.dataset} "

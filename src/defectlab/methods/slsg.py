@@ -80,7 +80,8 @@ from torch import nn
 from defectlab.backbones import backbone_for_fit, build_backbone, load_state_dict, save_backbone
 from defectlab.resume import Checkpoint, image_files
 from defectlab.config import StrictModel
-from defectlab.data import ImageDataset, scan_category
+from defectlab.data import ImageDataset
+from defectlab.data.mvtec import Sample
 from defectlab.errors import ConfigError
 from defectlab.io import write_json
 from defectlab.losses import focal_loss
@@ -422,7 +423,7 @@ class SLSG(AnomalyMethod):
         cfg, device = config, ctx.device
         if cfg.backbone not in ENCODER_CHANNELS:
             raise ConfigError(f"slsg.backbone: {cfg.backbone!r} not supported; valid: {', '.join(ENCODER_CHANNELS)}")
-        samples = [s for cat in ctx.categories for s in scan_category(ctx.data_root, cat).train]
+        samples = [Sample(p, 0, "good") for cat in ctx.categories for p in ctx.train_images(cat)]
         data = ImageDataset(samples, ctx.image_size)
         steps_per_epoch = math.ceil(len(data) / cfg.gpt_batch)
         total = cfg.gpt_epochs * steps_per_epoch
