@@ -241,3 +241,19 @@ def test_ds2_floor_is_the_backbone_over_every_crop(tmp_path):
     assert sum(len(x) for x in seen["floor"]) == n_crops == 2 * 4 * 4     # 40 rows: 4 starts; 33 cols padded to 40
     torch.testing.assert_close(torch.cat(seen["floor"]), torch.cat(seen["embed"]))
     assert {tuple(x.shape[1:]) for x in seen["floor"]} == {(3, 16, 16)}
+
+
+def test_greedy_coreset_continues_from_an_existing_bank():
+    """With ``covered``, the picks are the one-at-a-time greedy continued from those points: each is
+    the point farthest from the bank plus the earlier picks (reference loop), batched or not."""
+    g = torch.Generator().manual_seed(4)
+    bank = torch.randn(40, 8, generator=g)
+    new = torch.cat([torch.randn(150, 8, generator=g), torch.randn(50, 8, generator=g) + 6])   # a new mode
+    sel, min_d = [], torch.cdist(new, bank).min(1).values
+    for _ in range(20):
+        j = int(torch.argmax(min_d))
+        sel.append(j)
+        min_d = torch.minimum(min_d, torch.cdist(new, new[j:j + 1])[:, 0])
+    assert greedy_coreset(new, 20, proj_dim=None, covered=bank).tolist() == sel
+    assert sorted(greedy_coreset(new, 20, proj_dim=None, covered=bank, batch=4).tolist()) == sorted(sel)
+    assert sum(i >= 150 for i in sel) >= 5        # the new mode, far from the bank, is covered first

@@ -170,7 +170,14 @@ def test_new_images_in_one_category_rerun_only_that_category(project):
     assert not any(s.startswith(("backbone@", "pretrain@")) for s in ran), ran
     assert {rel: files(rel) for rel in before} == before        # board's models, backbone, checkpoints as they were
     assert versions("patchcore-demo-board") == board_versions
-    weave = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())["data"]
+    weave_info = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())
+    weave = weave_info["data"]
     assert weave["n_train"] == len(pipeline.category_data(params, "demo", "weave", pipeline.Layout(proj)).train)
     assert weave["n_train"] > weave_before["n_train"] and weave["fit_inputs_sha256"] != weave_before["fit_inputs_sha256"]
+    # PatchCore's bank was extended with the new images only; PaDiM (no exact update) refitted
+    fit_stats = weave_info["meta"]["fit"]
+    assert fit_stats["incremental"] == 1 and fit_stats["n_new_images"] == weave["n_train"] - weave_before["n_train"]
+    assert fit_stats["extended_from"] == weave_before["fit_inputs_sha256"]
+    padim = json.loads((proj / "models/padim/demo/weave/model.json").read_text())
+    assert "incremental" not in padim["meta"]["fit"] and padim["data"]["n_train"] == weave["n_train"]
     assert _dirty_stages(proj, env) == set()

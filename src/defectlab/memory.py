@@ -47,10 +47,27 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0)
 
 
+def min_sq_dists(x: torch.Tensor, x_sq: torch.Tensor, others: torch.Tensor, chunk: int = 1024,
+                 rows: int = 65536) -> torch.Tensor:
+    """Squared distance of each row of ``x`` to its nearest row of ``others``, in bounded memory."""
+    out = torch.full((x.shape[0],), float("inf"), device=x.device)
+    for j in range(0, others.shape[0], chunk):
+        c = others[j:j + chunk].to(x.device, x.dtype)
+        c_sq = (c * c).sum(1)
+        for i in range(0, x.shape[0], rows):
+            d = (x_sq[i:i + rows, None] - 2 * x[i:i + rows] @ c.T + c_sq[None]).clamp_min_(0)
+            torch.minimum(out[i:i + rows], d.min(1).values, out=out[i:i + rows])
+    return out
+
+
 def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128, n_starts: int = 1,
                    seed: int = 0, batch: int = 1, candidates: int = 4, precision: str = "float32",
-                   prune: bool = True, prune_margin: float = 0.9) -> torch.Tensor:
+                   prune: bool = True, prune_margin: float = 0.9, covered: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D).
+
+    ``covered`` (M, D): points already in the coreset (an existing memory bank, in the same space
+    as ``features``). The greedy then continues from them: the first pick is the point of
+    ``features`` farthest from ``covered``, and so on; no random start.
 
     As in PatchCore: features are first reduced by a Gaussian random projection to ``proj_dim``
     (Johnson–Lindenstrauss) when that is smaller than D, then points are selected one at a time,
@@ -82,17 +99,25 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
     num, dim = features.shape
     n = int(min(max(n, 1), num))
     x = features.float()
-    if proj_dim is not None and proj_dim < dim:
-        x = x @ random_projection(dim, proj_dim, seed).to(x.device)
+    proj = random_projection(dim, proj_dim, seed).to(x.device) if proj_dim is not None and proj_dim < dim else None
+    if proj is not None:
+        x = x @ proj
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = x.contiguous()
     x_sq = (x * x).sum(1)
-    start = torch.randint(num, (n_starts,), generator=gen).tolist()
-    min_d = torch.full((num,), float("inf"), device=x.device)
-    for s in start:
-        min_d = torch.minimum(min_d, (x_sq - 2 * x @ x[s] + x_sq[s]).clamp_min_(0))
-    selected = [start[0]]
-    min_d[start[0]] = 0
+    if covered is not None and len(covered):
+        c = covered.float().to(x.device)
+        min_d = min_sq_dists(x, x_sq, c @ proj if proj is not None else c)
+        selected: list[int] = []
+        n_cov = len(c)
+    else:
+        n_cov = 0
+        start = torch.randint(num, (n_starts,), generator=gen).tolist()
+        min_d = torch.full((num,), float("inf"), device=x.device)
+        for s in start:
+            min_d = torch.minimum(min_d, (x_sq - 2 * x @ x[s] + x_sq[s]).clamp_min_(0))
+        selected = [start[0]]
+        min_d[start[0]] = 0
     lp = torch.bfloat16 if precision == "bfloat16" else torch.float32
     # the active set: rows whose distance to the coreset is still updated (all of them at first)
     act = _ActiveSet(x, x_sq, min_d, lp)
@@ -106,7 +131,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
             act.revive(x, x_sq, selected)
             prune_margin *= 0.9                      # be more careful from now on
             continue
-        radius.add(len(selected), r2)
+        radius.add(n_cov + len(selected), r2)
         if b == 1:
             picks_local = [int(top[0])]
         else:
@@ -131,7 +156,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
             picks_local = cand[torch.as_tensor(picks_pos, device=cand.device)].tolist()
         selected += act.update(picks_local)
         if prune and len(selected) < n:
-            tau = max(act.tau, prune_margin**2 * radius.extrapolate(n))
+            tau = max(act.tau, prune_margin**2 * radius.extrapolate(n_cov + n))
             # (never drop the current farthest point: a threshold above it means the estimate is off)
             if 0 < tau < float(act.min_d.max()) and int((act.min_d <= tau).sum()) > len(act) // 8:
                 act.drop(tau, len(selected))

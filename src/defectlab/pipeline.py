@@ -481,24 +481,35 @@ def train_and_fit(cls, cfg, ctx, train_dir: Path, device=None):
 
 
 def fit(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(), progress: bool = True,
-        out_dir: Path | None = None, inputs_sha256: str | None = None):
+        out_dir: Path | None = None, inputs_sha256: str | None = None, extend_from: Path | None = None,
+        new_images: list | None = None):
     """Fit one method on one category; returns (method instance, fit stats). Saves the model atomically
     to ``out_dir`` (default ``layout.model(...)``). A training method reads its `train` stage output
-    (``ctx.train_dir``)."""
+    (``ctx.train_dir``). ``extend_from``: the model folder to extend with ``new_images`` instead
+    (``method.extend``; see ``fit_dataset``); calibration is redone either way."""
     cls, cfg = load_method_config(params, method)
     ctx = fit_context(params, method, dataset, category, layout, progress)
     seed_everything(params.seed)
-    model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
     with resize_mode(params.dataset(dataset).resize):
-        stats = model.fit(ctx) or {}
+        if extend_from is not None:
+            model = cls.load(extend_from, ctx.device)
+            stats = model.extend(ctx, new_images, seed=params.seed)
+            stats["extended_from"] = (_fitted_data(extend_from) or {}).get("fit_inputs_sha256")
+        else:
+            model = cls(cfg, ctx.device)
+            stats = model.fit(ctx) or {}
         stats["fit_seconds"] = time.perf_counter() - t0
         stats["peak_rss_mb_fit"] = peak_rss_mb()
         model.meta["fit"] = stats
         model.card = model_card(params, model, dataset, category, ctx.data, layout)
         model.card["data"]["fit_inputs_sha256"] = inputs_sha256 or fit_inputs_sha256(params, method, dataset,
                                                                                         category, layout)
-    model.save(out_dir or layout.model(method, dataset, category))
+        model.card["data"]["fit_base_sha256"] = fit_inputs_sha256(params, method, dataset, category, layout,
+                                                                  with_data=False)
+    out_dir = out_dir or layout.model(method, dataset, category)
+    model.save(out_dir)
+    _write_train_images(out_dir, ctx.data)
     return model, stats
 
 
@@ -553,12 +564,15 @@ def _tree_sha256(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
+def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout(),
+                      with_data: bool = True) -> str:
     """Digest of everything fitting one category reads: the method's resolved config, the dataset
     spec, seed / device / profile, calibration, the category's manifest (every image by sha256),
     the method's pretrain + train checkpoints of this category, the dataset's backbone, the
     package's source and the library versions. Equal digests mean the fit would be redone from the
-    same inputs: the `fit` stage reuses the model instead (``fit_dataset``)."""
+    same inputs: the `fit` stage reuses the model instead (``fit_dataset``). ``with_data=False``:
+    the same without the category's manifest (equal: only the images changed, so a method with
+    ``extend`` may add the new ones to the old fit)."""
     import hashlib
 
     import defectlab
@@ -570,7 +584,8 @@ def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, 
     key = {"method": method, "config": cfg.model_dump(mode="json"),
            "dataset": params.dataset(dataset).model_dump(mode="json"), "seed": params.seed,
            "device": params.device, "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
-           "eval_batch_size": ev.batch_size, "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
+           "eval_batch_size": ev.batch_size,
+           "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv") if with_data else None,
            "pretrain": _tree_sha256(layout.pretrain(method, dataset)),
            "train": _tree_sha256(layout.trained(method, dataset, category)),
            "backbone": _tree_sha256(layout.backbone(dataset)),
@@ -580,12 +595,48 @@ def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _reusable_model(model_dir: Path, inputs_sha256: str) -> bool:
+def _fitted_data(model_dir: Path) -> dict | None:
+    """model.json's ``data`` block of a complete model folder, else None."""
     try:
         info = json.loads((model_dir / "model.json").read_text())
     except (OSError, ValueError):
-        return False
-    return (info.get("data") or {}).get("fit_inputs_sha256") == inputs_sha256 and (model_dir / "model.safetensors").exists()
+        return None
+    return (info.get("data") or {}) if (model_dir / "model.safetensors").exists() else None
+
+
+#: the sha256 and path of every training image a model was fitted on (``extend`` needs the old set)
+TRAIN_IMAGES = "train_images.txt"
+
+
+def _write_train_images(model_dir: Path, data) -> None:
+    with atomic_path(model_dir / TRAIN_IMAGES) as tmp:
+        tmp.write_text("".join(f"{sha256_file(s.path)} {s.path.name}\n" for s in data.train))
+
+
+def _new_images(params: Params, method: str, dataset: str, category: str, layout: Layout, old: Path):
+    """The training images to add to the model in ``old`` when it can be extended instead of refitted:
+    the method has ``extend`` and its config says ``incremental``, everything but the category's
+    images is unchanged (``fit_inputs_sha256(with_data=False)``), every image it was fitted on is
+    still a training image, and there are new ones. None otherwise (refit)."""
+    cls, cfg = load_method_config(params, method)
+    fitted = _fitted_data(old)
+    if not (hasattr(cls, "extend") and getattr(cfg, "incremental", False) and fitted
+            and (old / TRAIN_IMAGES).exists()
+            and fitted.get("fit_base_sha256") == fit_inputs_sha256(params, method, dataset, category, layout,
+                                                                    with_data=False)):
+        return None
+    from collections import Counter
+
+    before = Counter(line.split(" ", 1)[0] for line in (old / TRAIN_IMAGES).read_text().splitlines() if line)
+    now = [(sha256_file(s.path), s) for s in category_data(params, dataset, category, layout).train]
+    left = Counter(before)
+    new = []
+    for digest, sample in now:
+        if left[digest] > 0:
+            left[digest] -= 1
+        else:
+            new.append(sample)
+    return new if new and not +left else None
 
 
 def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
@@ -594,19 +645,22 @@ def fit_dataset(params: Params, method: str, dataset: str, layout: Layout = Layo
     is replaced as a whole at the end (an interrupted fit leaves the previous models). A category
     whose fit inputs are unchanged (``fit_inputs_sha256`` equals the one in its model.json: e.g.
     the other categories when a retrain added images to one) keeps its model, copied byte for byte,
-    and its stats say ``reused: 1``. ``each(category, model_dir, stats)`` runs after each category
+    and its stats say ``reused: 1``. A category that only gained training images is extended
+    instead of refitted when the method can (``_new_images``: PatchCore / APC banks with
+    ``incremental: true``); its stats say ``incremental: 1``. ``each(category, model_dir, stats)`` runs after each category
     that was fitted (the stage logs and registers it)."""
     out = {}
     with atomic_dir(layout.models(method, dataset)) as tmp:
         for category in params.run.categories:
             inputs = fit_inputs_sha256(params, method, dataset, category, layout)
             old = layout.model(method, dataset, category)
-            if _reusable_model(old, inputs):
+            if (_fitted_data(old) or {}).get("fit_inputs_sha256") == inputs:
                 shutil.copytree(old, tmp / category)
                 out[category] = {"reused": 1}
                 continue
+            new = _new_images(params, method, dataset, category, layout, old)
             _, stats = fit(params, method, dataset, category, layout, progress, out_dir=tmp / category,
-                           inputs_sha256=inputs)
+                           inputs_sha256=inputs, extend_from=old if new else None, new_images=new)
             if each is not None:
                 each(category, tmp / category, stats)
             out[category] = stats

@@ -44,6 +44,9 @@ class PatchCoreConfig(StrictModel):
     batch_size: int = 8
     knn_backend: Literal["torch", "faiss"] = "torch"
     knn_approx: str | None = None  # faiss index-factory string for very large banks, e.g. "IVF1024,SQfp16"
+    #: new normal images of a category (a retrain) extend the fitted bank instead of re-embedding
+    #: every image: the greedy coreset continues from the bank over the new patches only (``extend``)
+    incremental: bool = True
 
 
 class PatchCore(AnomalyMethod):
@@ -85,10 +88,32 @@ class PatchCore(AnomalyMethod):
         file) and, randomly projected to ``coreset_proj_dim``, to the tensor the coreset selection
         runs on; only the selected rows are read back. Peak memory is the projected features
         (N × 128 floats) plus the bank, not N × D."""
+        t0 = time.perf_counter()
+        store, x, proj = self._stream_features(loader, seed, progress, work_dir)
+        t_feat = time.perf_counter() - t0
+        n_patches = x.shape[0]
+        n = max(1, int(round(self.config.coreset_ratio * n_patches)))
+        t0 = time.perf_counter()
+        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=self.config.coreset_batch,
+                             precision=self.config.coreset_precision) if n < n_patches \
+            else torch.arange(n_patches)
+        del x
+        self.bank = store.gather(idx).to(self.device)
+        spilled = store.spilled
+        store.close()
+        t_core = time.perf_counter() - t0
+        self._index = None
+        self.meta.update({"image_size": loader.dataset.size if hasattr(loader.dataset, "size") else None,
+                          "n_train_images": len(loader.dataset), "n_patches": int(n_patches)})
+        return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]), "bank_spilled_to_disk": spilled,
+                "feature_seconds": t_feat, "coreset_seconds": t_core}
+
+    def _stream_features(self, loader, seed: int, progress: bool, work_dir: str | None):
+        """Every patch feature of the loader into a FeatureStore, and their random projection to
+        ``coreset_proj_dim`` (seeded: the same matrix for the same feature size and seed)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
-        t0 = time.perf_counter()
         store, projected, proj = None, [], None
         for batch in tqdm(loader, desc="patch features", disable=not progress, leave=False):
             f = self.embed(batch["image"])
@@ -99,25 +124,42 @@ class PatchCore(AnomalyMethod):
                     proj = random_projection(f.shape[1], cfg.coreset_proj_dim, seed).to(f.device)
             store.append(f)
             projected.append(f @ proj if proj is not None else f)
-        x = torch.cat(projected)
-        del projected
-        t_feat = time.perf_counter() - t0
-        n_patches = x.shape[0]
-        n = max(1, int(round(cfg.coreset_ratio * n_patches)))
+        return store, torch.cat(projected), proj
+
+    @torch.no_grad()
+    def extend(self, ctx: FitContext, new_samples: list, *, seed: int = 0) -> dict:
+        """Add new normal images to the fitted bank without re-embedding the old ones.
+
+        The bank is a greedy k-center coreset of the old patches; here the greedy selection goes
+        on from the bank over the new images' patches only (``greedy_coreset(covered=bank)``) until
+        the bank holds ``coreset_ratio`` of all patches, old and new, as a refit would. Every new
+        patch then lies within the new coverage radius, exactly as greedy over the union would put
+        it; the old patches that the bank left out stay within the radius they had (greedy on the
+        union could pick one of them instead of a new patch). ``scripts/bench_retrain.py`` measures
+        the difference against a refit."""
+        cfg = self.config
+        n_old = int(self.meta.get("n_patches") or 0)
+        if not n_old:
+            raise ValueError("model has no n_patches in its meta (fitted before incremental fits): refit it")
         t0 = time.perf_counter()
-        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=cfg.coreset_batch,
-                             precision=cfg.coreset_precision) if n < n_patches \
-            else torch.arange(n_patches)
-        del x
-        self.bank = store.gather(idx).to(self.device)
-        spilled = store.spilled
+        loader = make_loader(new_samples, ctx.image_size, cfg.batch_size)
+        store, x, proj = self._stream_features(loader, seed, ctx.progress, str(ctx.work_dir) if ctx.work_dir else None)
+        t_feat = time.perf_counter() - t0
+        n_total = n_old + x.shape[0]
+        k = min(x.shape[0], max(0, int(round(cfg.coreset_ratio * n_total)) - self.bank.shape[0]))
+        t0 = time.perf_counter()
+        if k:
+            bank = self.bank.to(x.device)
+            idx = greedy_coreset(x, k, proj_dim=None, seed=seed, batch=cfg.coreset_batch,
+                                 precision=cfg.coreset_precision, covered=bank @ proj if proj is not None else bank)
+            self.bank = torch.cat([self.bank, store.gather(idx).to(self.device)])
         store.close()
-        t_core = time.perf_counter() - t0
         self._index = None
-        self.meta.update({"image_size": loader.dataset.size if hasattr(loader.dataset, "size") else None,
-                          "n_train_images": len(loader.dataset)})
-        return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]), "bank_spilled_to_disk": spilled,
-                "feature_seconds": t_feat, "coreset_seconds": t_core}
+        self.meta.update({"n_train_images": int(self.meta.get("n_train_images", 0)) + len(new_samples),
+                          "n_patches": int(n_total)})
+        return {"n_patches": int(n_total), "bank_size": int(self.bank.shape[0]), "incremental": 1,
+                "n_new_images": len(new_samples), "feature_seconds": t_feat,
+                "coreset_seconds": time.perf_counter() - t0}
 
     @torch.no_grad()
     def collect_patches(self, loader, progress: bool = False) -> torch.Tensor:
