@@ -131,7 +131,8 @@ def test_killed_stage_leaves_previous_output_and_next_repro_finishes_it(project)
 def test_new_images_in_one_category_rerun_only_that_category(project):
     """What a retrain does to the data (images added to one category's train/good, manifests
     rewritten, `dvc commit`): the shared backbone and the pretraining stay up to date, `fit`
-    refits that category and copies the other's model byte for byte, registering nothing new for it."""
+    refits (PatchCore: extends) that category and copies the other's model byte for byte,
+    registering nothing new for it, and `evaluate` keeps the other's metrics and overlays."""
     import shutil
 
     from defectlab import pipeline
@@ -150,7 +151,8 @@ def test_new_images_in_one_category_rerun_only_that_category(project):
         return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
 
     before = {rel: files(rel) for rel in ("models/patchcore/demo/board", "models/padim/demo/board",
-                                          "models/backbone/demo", "checkpoints")}
+                                          "models/backbone/demo", "checkpoints", "reports/maps/patchcore/demo/board")}
+    board_metrics = (proj / "metrics/patchcore/demo/board.json").read_bytes()   # timings differ if rescored
     board_versions = versions("patchcore-demo-board")
     weave_before = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())["data"]
     extra = proj.parent / "extra_images"
@@ -169,6 +171,8 @@ def test_new_images_in_one_category_rerun_only_that_category(project):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
     assert not any(s.startswith(("backbone@", "pretrain@")) for s in ran), ran
     assert {rel: files(rel) for rel in before} == before        # board's models, backbone, checkpoints as they were
+    new_m, old_m = json.loads((proj / "metrics/patchcore/demo/board.json").read_text()), json.loads(board_metrics)
+    assert new_m == old_m, {k: (old_m.get(k), new_m.get(k)) for k in new_m if new_m.get(k) != old_m.get(k)}
     assert versions("patchcore-demo-board") == board_versions
     weave_info = json.loads((proj / "models/patchcore/demo/weave/model.json").read_text())
     weave = weave_info["data"]

@@ -575,12 +575,10 @@ def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, 
     ``extend`` may add the new ones to the old fit)."""
     import hashlib
 
-    import defectlab
     from defectlab.tracking import versions
 
     _, cfg = load_method_config(params, method)
     ev = params.section("evaluation", "eval", EvalParams)
-    src = Path(defectlab.__file__).parent
     key = {"method": method, "config": cfg.model_dump(mode="json"),
            "dataset": params.dataset(dataset).model_dump(mode="json"), "seed": params.seed,
            "device": params.device, "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
@@ -589,10 +587,19 @@ def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, 
            "pretrain": _tree_sha256(layout.pretrain(method, dataset)),
            "train": _tree_sha256(layout.trained(method, dataset, category)),
            "backbone": _tree_sha256(layout.backbone(dataset)),
-           "code": hashlib.sha256("".join(f"{p.relative_to(src)}:{sha256_file(p)}" for p in sorted(src.rglob("*.py")))
-                                  .encode()).hexdigest(),
-           "versions": versions()}
+           "code": _code_sha256(), "versions": versions()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _code_sha256() -> str:
+    """Digest of the package's source files (any change: nothing is reused)."""
+    import hashlib
+
+    import defectlab
+
+    src = Path(defectlab.__file__).parent
+    return hashlib.sha256("".join(f"{p.relative_to(src)}:{sha256_file(p)}" for p in sorted(src.rglob("*.py")))
+                          .encode()).hexdigest()
 
 
 def _fitted_data(model_dir: Path) -> dict | None:
@@ -803,7 +810,9 @@ def eval_dest(layout: Layout, method: str, dataset: str) -> dict:
 def evaluate_dataset(params: Params, method: str, dataset: str, layout: Layout = Layout(), progress: bool = True,
                      each: Callable[[str, dict, dict], None] | None = None) -> dict:
     """The `evaluate` stage: every category of ``run.categories``; its output folders (metrics,
-    curves, overlays of this method x dataset) are each replaced as a whole at the end.
+    curves, overlays of this method x dataset) are each replaced as a whole at the end. A category
+    whose inputs are unchanged (``eval_inputs_sha256``, kept next to its overlays) keeps its
+    previous outputs, copied, instead of being scored again.
     ``each(category, metrics, dest)`` runs after each category (the stage logs it to MLflow)."""
     import contextlib
 
@@ -814,10 +823,47 @@ def evaluate_dataset(params: Params, method: str, dataset: str, layout: Layout =
                 "maps": stack.enter_context(atomic_dir(final["maps"])),
                 "plots": {c: stack.enter_context(atomic_dir(d)) for c, d in final["plots"].items()}}
         for category in params.run.categories:
-            out[category] = evaluate(params, method, dataset, category, layout, progress, dest=dest)
+            key = eval_inputs_sha256(params, method, dataset, category, layout)
+            if not _reuse_evaluation(final, dest, category, key):
+                evaluate(params, method, dataset, category, layout, progress, dest=dest)
+                (Path(dest["maps"]) / category / EVAL_INPUTS).write_text(key + "\n")
+            out[category] = json.loads((Path(dest["metrics"]) / f"{category}.json").read_text())
             if each is not None:
                 each(category, out[category], dest)
     return out
+
+
+#: in reports/maps/<m>/<ds>/<cat>/: the digest of what the category's evaluation read
+EVAL_INPUTS = "eval_inputs.sha256"
+
+
+def eval_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
+    """Digest of everything evaluating one category reads: the model folder, the category's
+    manifest, the evaluation and dataset params, device, the package's source, library versions."""
+    import hashlib
+
+    from defectlab.tracking import versions
+
+    key = {"model": _tree_sha256(layout.model(method, dataset, category)),
+           "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
+           "evaluation": params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
+           "dataset": params.dataset(dataset).model_dump(mode="json"), "device": params.device,
+           "code": _code_sha256(), "versions": versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reuse_evaluation(final: dict, dest: dict, category: str, key: str) -> bool:
+    """Copy the category's previous metrics, curves and overlays into ``dest`` when they were made
+    from the same inputs (``eval_inputs_sha256``); False (evaluate it) otherwise."""
+    stamp = Path(final["maps"]) / category / EVAL_INPUTS
+    files = [Path(final["metrics"]) / f"{category}.json", *(Path(d) / f"{category}.json" for d in final["plots"].values())]
+    if not (stamp.exists() and stamp.read_text().strip() == key and all(f.exists() for f in files)):
+        return False
+    shutil.copy2(files[0], Path(dest["metrics"]) / files[0].name)
+    for curve, d in final["plots"].items():
+        shutil.copy2(Path(d) / f"{category}.json", Path(dest["plots"][curve]) / f"{category}.json")
+    shutil.copytree(Path(final["maps"]) / category, Path(dest["maps"]) / category)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
