@@ -135,10 +135,12 @@ def add_to_training_set(root: str, dataset: str, category: str, accepted: list[d
     names = [f"incoming_{item['sha256'][:16]}{Path(item['path']).suffix.lower()}" for item in accepted]
     journal = read_journal(root_p, dataset)
     write_journal(root_p, dataset, {**journal, "step": "adding-data", "files": names})   # before the first move
-    for item, name in zip(accepted, names):
+    for i, (item, name) in enumerate(zip(accepted, names)):
         src = Path(item["path"])
         shutil.copy2(src, good / name)
         shutil.move(str(src), archive / name)
+        if i == 0:
+            fault_point("retrain:adding")      # some of the batch moved, the rest not yet
     with in_dir(root_p):
         pipeline.update_manifests(Params.load("params.yaml"), dataset, category)
         if cfg.retrain_backbone:

@@ -374,6 +374,62 @@ def test_retrain_interrupted_at_any_step_loses_nothing(project, first_run, monke
     assert "changed" not in sh(["dvc", "status"], project)
 
 
+def test_retrain_killed_after_validation_mid_copy_or_after_the_alias_loses_nothing(project, first_run):
+    """kill -9 right after validation (the bad file already quarantined), after the first image of
+    the batch moved, and after the alias moved: the next run undoes or finishes each; the batch ends
+    in the training set exactly once (or in review), the bad file in the quarantine exactly once."""
+    from defectlab import champion
+    from defectlab.data.demo import generate_demo
+    from defectlab.io import sha256_file
+    from pipelines.common import setup_tracking
+    from pipelines.retrain import retrain_flow
+    from pipelines.workspace import read_journal
+
+    setup_tracking(project)
+    name = f"patchcore-demo-{CAT}"
+    extra = project.parent / "extra_faults2"
+    generate_demo(extra, seed=9, image_size=64, n_train=3, n_test_good=0, n_test_per_defect=0, categories=[CAT])
+    incoming = project / "data/incoming/demo" / CAT
+    incoming.mkdir(parents=True, exist_ok=True)
+    for p in sorted((extra / CAT / "train/good").glob("*.png")):
+        shutil.copy(p, incoming / f"kill_{p.name}")
+    batch = sorted(sha256_file(p) for p in incoming.iterdir())
+    (incoming / "broken.png").write_bytes(b"not a png")
+    quarantine_log = project / "data/quarantine/demo" / CAT / "quarantine.csv"
+
+    def quarantined_broken():
+        return [r for r in csv.DictReader(open(quarantine_log)) if r["file"] == "broken.png"]
+
+    before = tree_digest(project, *WORKSPACE)
+    champ0 = champion.get_alias(name, champion.CHAMPION)
+    # 1. after validation: nothing of the batch moved, no journal; the bad file is in the quarantine
+    _retrain_killed_at(project, "retrain:validated")
+    assert read_journal(project, "demo") is None and tree_digest(project, *WORKSPACE) == before
+    assert sorted(sha256_file(p) for p in incoming.iterdir()) == batch and len(quarantined_broken()) == 1
+    # 2. mid-copy: one image in the archive and the training set, the others still incoming
+    _retrain_killed_at(project, "retrain:adding")
+    j = read_journal(project, "demo")
+    assert j["step"] == "adding-data" and len(list(incoming.iterdir())) == 2
+    # 3. the next run undoes that, retrains, moves the alias and is killed before it records it
+    _retrain_killed_at(project, "retrain:after-alias")
+    j = read_journal(project, "demo")
+    assert j["step"] == "decided" and not any(incoming.iterdir())
+    moved = str(champion.get_alias(name, champion.CHAMPION).version)
+    assert moved == (j["challenger_version"] if j["decision"]["promote"] else str(champ0.version))
+    # 4. the next run finishes it
+    retrain_flow(dataset="demo", category=CAT, method="patchcore", root=str(project))
+    assert read_journal(project, "demo") is None and not any(incoming.iterdir())
+    good = project / f"data/prepared/demo/{CAT}/train/good"
+    in_training = sorted(sha256_file(p) for p in good.iterdir() if sha256_file(p) in batch)
+    reviewed = project / "data/review/demo" / CAT / j["batch"] / "images"
+    if j["decision"]["promote"]:
+        assert in_training == batch and str(champion.get_alias(name, champion.CHAMPION).version) == moved
+    else:
+        assert in_training == [] and sorted(sha256_file(p) for p in reviewed.iterdir()) == batch
+    assert len(quarantined_broken()) == 1
+    assert "changed" not in sh(["dvc", "status"], project)
+
+
 def test_history_lists_versions_data_and_decisions(project, first_run):
     from defectlab.champion import history
 

@@ -139,6 +139,36 @@ def test_pretrain_images_are_the_pinned_training_images_checked_by_hash(tmp_path
         pipeline.pretrain_images("demo", ["weave"], layout)
 
 
+def test_images_added_to_a_prepared_category_never_move_a_training_image_to_validation(tmp_path):
+    """The split is part of the data version: new images fill the validation share, the images
+    already split keep their side (else an extended memory bank would hold validation images)."""
+    import shutil
+
+    from defectlab import pipeline
+    from defectlab.config import Params
+    from defectlab.data.demo import generate_demo
+    from defectlab.data.split import n_held_out
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["run"]["categories"] = raw["datasets"]["demo"]["categories"] = ["weave"]
+    raw["datasets"]["demo"]["generator"] = {"image_size": 32, "n_train": 40, "n_test_good": 1, "n_test_per_defect": 1}
+    params, layout = Params(raw), pipeline.Layout(tmp_path)
+    pipeline.prepare(params, "demo", layout)
+    before = pipeline.category_data(params, "demo", "weave", layout)
+    generate_demo(tmp_path / "new", seed=11, image_size=32, n_train=8, n_test_good=0, n_test_per_defect=0,
+                  categories=["weave"])
+    good = layout.prepared("demo") / "weave/train/good"
+    for p in sorted((tmp_path / "new/weave/train/good").glob("*.png")):
+        shutil.copy(p, good / f"incoming_{p.name}")
+    pipeline.update_manifests(params, "demo", "weave", layout)
+    after = pipeline.category_data(params, "demo", "weave", layout)
+    spec = params.dataset("demo")
+    assert len(after.validation) == n_held_out(48, spec.validation_fraction, spec.min_validation) > len(before.validation)
+    assert {s.path for s in before.train} <= {s.path for s in after.train}
+    assert {s.path for s in before.validation} <= {s.path for s in after.validation}
+    assert all(s.path.name.startswith("incoming_") for s in after.validation if s not in before.validation)
+
+
 # ---- phase configs: a stage depends only on the config fields its phase reads ---------------
 def _cfg(name, **over):
     from defectlab.methods import get_method

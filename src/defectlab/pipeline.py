@@ -291,17 +291,23 @@ def category_data(params: Params, dataset: str, category: str, layout: Layout = 
     """The prepared category as the stages see it: ``masks: optional`` applied, and, when it has no
     ``validation/good``, the validation images held out of ``train/good`` (``data.split``, with
     ``datasets.<ds>.validation_fraction`` / ``min_validation`` and the params seed), so fitting
-    never sees them. The same split as the ``validation`` rows of prepare's manifests."""
+    never sees them: the split recorded in the category's manifest, with images added since (the
+    retrain flow's) placed by ``data.split.extend_split``."""
     from defectlab.data import scan_category
-    from defectlab.data.split import hold_out_validation
+    from defectlab.data.split import extend_split
 
     spec = params.dataset(dataset)
     if category not in spec.categories:
         from defectlab.errors import ConfigError
 
         raise ConfigError(f"unknown category {category!r} for dataset {dataset!r}; valid: {', '.join(spec.categories)}")
-    data = scan_category(layout.prepared(dataset), category, masks_optional=spec.masks == "optional")
-    return hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
+    root = layout.prepared(dataset)
+    data = scan_category(root, category, masks_optional=spec.masks == "optional")
+    assigned = {}
+    if (root / category / "manifest.csv").exists():
+        with open(root / category / "manifest.csv", newline="") as f:
+            assigned = {root / r["path"]: r["split"] for r in csv.DictReader(f) if r["split"] in ("train", "validation")}
+    return extend_split(data, assigned, spec.validation_fraction, spec.min_validation, params.seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ _EXPORTS = {
               "load_defects_config", "load_image", "load_mask", "probe_image", "require_categories",
               "scan_category", "verify_samples"),
     "transform": ("IMAGENET_MEAN", "IMAGENET_STD", "map_to_original", "resize_image", "resize_mask", "resize_mode"),
-    "split": ("hold_out_validation",),
+    "split": ("hold_out_validation", "extend_split"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
