@@ -96,6 +96,18 @@ def test_synthesis_is_identical_for_an_unchanged_category(tmp_path, monkeypatch)
         {k: v for k, v in second.items() if k.startswith("tray/")}
 
 
+def test_stages_declare_whole_dataset_sections_not_optional_keys_dvc_would_require():
+    """DVC refuses to run a stage whose declared param is missing from params.yaml; a dataset's keys
+    are optional (pydantic defaults), so a stage must not name one (a user's `source: folder`
+    dataset without `texture_categories` would stop `dvc repro`)."""
+    import re
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        for param in stage.get("do", stage).get("params", []):
+            assert not re.match(r"datasets\.\$\{[^}]+\}\.", str(param)), (name, param)
+
+
 def test_dataset_level_stages_read_the_pinned_training_set_not_the_dataset_folder():
     deps = _stage_deps(ROOT)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
