@@ -1,10 +1,11 @@
 """DVC stage: DS2 dense self-supervised pretraining of the shared backbone on one dataset's normal
 images (params `backbone.ds2`); every method with `weights: ds2` starts from it."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "dataset")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

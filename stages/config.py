@@ -2,10 +2,11 @@
 (``configs/<method>/{pretrain,train}.json``); those stages depend on these files, not on all of
 ``methods.<m>``, so a fit-only setting does not retrain a network."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 stage_args(__doc__)   # no options; --help prints the description instead of running the stage
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

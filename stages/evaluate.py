@@ -1,10 +1,11 @@
 """DVC stage: score every category's test set of a dataset with the fitted models; write metrics,
 curves and overlays (one MLflow child run per category)."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

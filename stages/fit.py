@@ -2,11 +2,12 @@
 on a trained network); each changed model is logged as an MLflow pyfunc model and registered as
 <method>-<dataset>-<category> (its first version becomes `champion`)."""
 
-from defectlab import champion, pipeline
-from defectlab.data.mvtec import IMAGE_EXTS
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import champion, pipeline
+from defectlab.data.mvtec import IMAGE_EXTS
 
 
 def body(params, run):

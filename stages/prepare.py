@@ -1,9 +1,10 @@
 """DVC stage: materialise a dataset (generate the demo set or convert a public one) in MVTec layout."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "dataset")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

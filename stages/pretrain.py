@@ -1,9 +1,10 @@
 """DVC stage: dataset-level pretraining of a method (or freezing its configured backbone weights)."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

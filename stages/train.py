@@ -1,10 +1,11 @@
 """DVC stage: train one training method's network on one category (MSP-SVDD encoders, SLSG SegNet,
 DSR stage 2, APC fine-tuning); cached per category by DVC."""
 
-from defectlab import pipeline
 from defectlab.stagekit import run_stage, stage_args
 
 args = stage_args(__doc__, "method", "dataset", "category")
+# imported after stage_args: it puts back the outputs DVC deleted before the heavy imports
+from defectlab import pipeline
 
 
 def body(params, run):

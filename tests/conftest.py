@@ -100,8 +100,13 @@ def project_env(proj: Path) -> dict:
 
 
 def git_dvc_init(proj: Path, env: dict) -> None:
+    import shutil
+
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
-                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+                ["dvc", "init", "-q"]):
+        sh(cmd, proj, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", proj / ".dvc" / "plots")   # the project's chart templates
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(cmd, proj, env)
 
 

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from conftest import make_project  # noqa: E402
+from conftest import git_dvc_init, make_project  # noqa: E402
 
 
 def sh(cmd, cwd):
@@ -96,9 +96,7 @@ def project(tmp_path_factory):
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
-                    ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-            sh(cmd, proj)
+        git_dvc_init(proj, None)
         with prefect_test_harness(server_startup_timeout=300):
             from prefect.settings import PREFECT_API_URL
 

@@ -30,6 +30,7 @@ import numpy as np
 from defectlab.config import EvalParams, Params, SynthesisParams
 from defectlab.data.transform import resize_mode
 from defectlab.io import atomic_dir, atomic_path, fault_point, sha256_file, write_json
+from defectlab.report import KEPT
 
 
 #: the curves the evaluate stage writes for `dvc plots` (see metrics.curves)
@@ -804,6 +805,10 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
         write_json(Path(dest["plots"][curve]) / f"{category}.json", curve_data.get(curve, []))
     with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(spec.resize):
         write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
+        # a copy in the (DVC-cached) overlay folder: what a later run keeps when nothing changed
+        write_json(tmp / KEPT / "metrics.json", metrics)
+        for curve in CURVES:
+            write_json(tmp / KEPT / f"{curve}.json", curve_data.get(curve, []))
     return metrics
 
 
@@ -860,15 +865,17 @@ def eval_inputs_sha256(params: Params, method: str, dataset: str, category: str,
 
 def _reuse_evaluation(final: dict, dest: dict, category: str, key: str) -> bool:
     """Copy the category's previous metrics, curves and overlays into ``dest`` when they were made
-    from the same inputs (``eval_inputs_sha256``); False (evaluate it) otherwise."""
-    stamp = Path(final["maps"]) / category / EVAL_INPUTS
-    files = [Path(final["metrics"]) / f"{category}.json", *(Path(d) / f"{category}.json" for d in final["plots"].values())]
-    if not (stamp.exists() and stamp.read_text().strip() == key and all(f.exists() for f in files)):
+    from the same inputs (``eval_inputs_sha256``); False (evaluate it) otherwise. Read from the
+    overlay folder (its ``results/`` copy), which the stage restores from the DVC cache."""
+    before = Path(final["maps"]) / category
+    stamp, kept = before / EVAL_INPUTS, before / KEPT
+    if not (stamp.exists() and stamp.read_text().strip() == key
+            and all((kept / f"{name}.json").exists() for name in ("metrics", *CURVES))):
         return False
-    shutil.copy2(files[0], Path(dest["metrics"]) / files[0].name)
-    for curve, d in final["plots"].items():
-        shutil.copy2(Path(d) / f"{category}.json", Path(dest["plots"][curve]) / f"{category}.json")
-    shutil.copytree(Path(final["maps"]) / category, Path(dest["maps"]) / category)
+    shutil.copy2(kept / "metrics.json", Path(dest["metrics"]) / f"{category}.json")
+    for curve, d in dest["plots"].items():
+        shutil.copy2(kept / f"{curve}.json", Path(d) / f"{category}.json")
+    shutil.copytree(before, Path(dest["maps"]) / category)
     return True
 
 

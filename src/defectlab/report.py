@@ -81,13 +81,85 @@ def write_overlays(out: dict, out_dir: Path, n: int, image_size: int) -> list[Pa
     return written
 
 
-def collect(metrics_root: Path) -> list[dict]:
-    """Rows {method, dataset, category, **metrics} from metrics/<method>/<ds>/<cat>.json."""
+#: in reports/maps/<m>/<ds>/<cat>/: the category's metrics.json and one <curve>.json per curve,
+#: next to its overlays (the DVC-cached copy the report and an unchanged re-evaluation read)
+KEPT = "results"
+
+
+def collect(root: Path) -> list[dict]:
+    """Rows {method, dataset, category, **metrics} from reports/maps/<m>/<ds>/<cat>/results/metrics.json
+    (or, for outputs made before those copies existed, metrics/<m>/<ds>/<cat>.json)."""
     rows = []
-    for path in sorted(metrics_root.glob("*/*/*.json")):
-        method, dataset, category = path.parts[-3], path.parts[-2], path.stem
+    kept = sorted((root / "reports" / "maps").glob(f"*/*/*/{KEPT}/metrics.json"))
+    for path in kept or sorted((root / "metrics").glob("*/*/*.json")):
+        method, dataset, category = (path.parts[-5:-2] if kept else (*path.parts[-3:-1], path.stem))
         rows.append({"method": method, "dataset": dataset, "category": category, **json.loads(path.read_text())})
     return rows
+
+
+#: the per-method means `metrics/summary.json` holds (what `dvc exp show` lists)
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "spro", "image_auroc_logical")
+SUMMARY_COSTS = ("train_seconds", "fit_seconds", "images_per_second")
+#: the curves drawn per category with every method overlaid: (curve, x field, y field)
+COMPARE_CURVES = (("roc_image", "fpr", "tpr"), ("pr_image", "recall", "precision"), ("pro", "fpr", "pro"))
+#: the bars of the per-dataset summary chart
+COMPARE_BARS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def summary(rows: list[dict]) -> dict:
+    """{dataset: {method: {metric: mean over categories}, "n_categories": n}}: one number per
+    method, dataset and metric (AUROCs, AUPRO, sPRO where measured; costs summed / averaged)."""
+    out: dict = {}
+    for (method, dataset) in sorted({(r["method"], r["dataset"]) for r in rows}):
+        sel = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
+        entry = {}
+        for c in SUMMARY_METRICS + ("images_per_second",):
+            vals = [r[c] for r in sel if isinstance(r.get(c), (int, float))]
+            if vals:
+                entry[c] = round(float(np.mean(vals)), 4)
+        for c in ("train_seconds", "fit_seconds"):
+            vals = [r[c] for r in sel if isinstance(r.get(c), (int, float))]
+            if vals:
+                entry[c] = round(float(np.sum(vals)), 2)
+        entry["n_categories"] = len(sel)
+        out.setdefault(dataset, {})[method] = entry
+    return out
+
+
+def compare_plots(root: Path, rows: list[dict], out_dir: Path) -> int:
+    """The overlaid charts: ``<out_dir>/<curve>/<ds>/<cat>.json`` (rows of every method's curve,
+    tagged ``method``, ``chart`` and point index ``i``) and ``<out_dir>/summary/<ds>.json`` (one row
+    per method and metric). Replaces ``out_dir`` as a whole; returns the number of charts."""
+    from defectlab.io import atomic_dir
+
+    maps = root / "reports" / "maps"
+    n = 0
+    with atomic_dir(out_dir) as tmp:
+        for dataset, category in sorted({(r["dataset"], r["category"]) for r in rows}):
+            methods = sorted({r["method"] for r in rows if r["dataset"] == dataset and r["category"] == category})
+            for curve, x, y in COMPARE_CURVES:
+                points = []
+                for method in methods:
+                    path = maps / method / dataset / category / KEPT / f"{curve}.json"
+                    data = json.loads(path.read_text()) if path.exists() else []
+                    points += [{"method": method, "chart": f"{dataset} / {category}: {curve.replace('_', ' ')}",
+                                "i": i, x: p[x], y: p[y]} for i, p in enumerate(data)]
+                if points:
+                    _write_rows(tmp / curve / dataset / f"{category}.json", points)
+                    n += 1
+        for dataset, methods in summary(rows).items():
+            bars = [{"method": method, "chart": f"{dataset}: {metric} (mean over categories)", "metric": metric,
+                     "value": entry[metric]}
+                    for metric in COMPARE_BARS for method, entry in methods.items() if metric in entry]
+            if bars:
+                _write_rows(tmp / "summary" / f"{dataset}.json", bars)
+                n += 1
+    return n
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, separators=(",", ":")) + "\n")
 
 
 def _fmt(v) -> str:
@@ -146,7 +218,14 @@ def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 96) ->
 
 
 def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Path:
-    rows = collect(root / "metrics")
+    """results.md / .csv / .png under ``out_dir``; ``<root>/metrics/summary.json`` and the overlaid
+    charts under ``<root>/plots/compare`` when written into the project (``out_dir`` = its reports/)."""
+    from defectlab.io import write_json
+
+    rows = collect(root)
+    if Path(out_dir).resolve() == (root / "reports").resolve():
+        write_json(root / "metrics" / "summary.json", summary(rows))
+        compare_plots(root, rows, root / "plots" / "compare")
     table, csv_rows = results_table(rows)
     md = ["# defectlab results", "",
           "One row per method × category (test split), then per-method means with the paper's figure where the "
@@ -160,5 +239,5 @@ def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Pat
                 w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
                 w.writeheader()
                 w.writerows(csv_rows)
-    gallery(out_dir / "maps", out_dir / "results.png")
+    gallery(root / "reports" / "maps", out_dir / "results.png")
     return out_dir / "results.md"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,13 +16,22 @@ from defectlab.errors import DefectlabError
 
 
 def stage_args(doc: str, *names: str):
-    """Parse the stage's ``--<name>`` options (all required), e.g. ``stage_args(__doc__, "method", "dataset")``."""
+    """Parse the stage's ``--<name>`` options (all required), e.g. ``stage_args(__doc__, "method", "dataset")``,
+    then put back the stage's outputs that DVC deleted before running it (``restore_recorded_outputs``).
+    Stage scripts call it before their heavy imports: the outputs are back within about a second."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc)
     for name in names:
         ap.add_argument(f"--{name}", required=True)
-    return ap.parse_args()
+    args = ap.parse_args()
+    stage = Path(sys.argv[0]).stem           # stages/<stage>.py
+    dvc_stage = dvc_stage_name(stage, dataset=getattr(args, "dataset", "all"), method=getattr(args, "method", None),
+                               category=getattr(args, "category", None))
+    for path in restore_recorded_outputs(dvc_stage):
+        print(f"restored {path} as dvc.lock records it (replaced only when this run succeeds)",
+              file=sys.stderr, flush=True)
+    return args
 
 
 @contextlib.contextmanager
@@ -106,6 +118,68 @@ def stage_dataset_guard(dataset: str):
                              f"({dataset_lock_path(dataset)}); run `dvc repro` again when it has finished") from None
 
 
+def restore_recorded_outputs(dvc_stage: str, root: str | Path = ".") -> list[Path]:
+    """Put back, from the DVC cache, the version ``dvc.lock`` records of each output of ``dvc_stage``
+    that is missing from the workspace; returns the paths restored.
+
+    Stage outputs are not ``persist``-ed, so DVC's run-cache restores them when an experiment comes
+    back to inputs it has run before (``dvc exp run -S profile=...`` round trips), and DVC deletes
+    them before it runs the stage. The stage restores them first thing, then replaces them
+    atomically only when it succeeds: an interrupted run leaves the previous outputs in place, and
+    the stage can keep what did not change (fit / evaluate reuse, prepare's recorded split).
+    Outputs with ``cache: false`` are not in the cache (git holds them); an output whose objects are
+    not in the cache (a fresh clone) is left to the stage to rebuild."""
+    import yaml
+
+    root = Path(root)
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except OSError:
+        return []
+    outs = [o for o in ((lock.get("stages") or {}).get(dvc_stage) or {}).get("outs", [])
+            if o.get("md5") and not (root / o["path"]).exists()]
+    if not outs:
+        return []
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        obj = repo.cache.local.oid_to_path
+        restored = []
+        for out in outs:
+            path, md5 = root / out["path"], out["md5"]
+            try:
+                entries = ([(e["relpath"], e["md5"]) for e in json.loads(Path(obj(md5)).read_text())]
+                           if md5.endswith(".dir") else [(None, md5)])
+            except OSError:
+                continue
+            if not all(Path(obj(h)).exists() for _, h in entries):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.restore.tmp")
+            try:
+                for rel, h in entries:   # copies: a hard link would let an in-place write change the cache
+                    dst = tmp / rel if rel is not None else tmp
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(obj(h), dst)
+                if path.exists():    # put back meanwhile by another process: keep that one
+                    continue
+                os.replace(tmp, path)
+                restored.append(path)
+            finally:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif tmp.exists():
+                    tmp.unlink()
+    return restored
+
+
+def dvc_stage_name(stage: str, *, dataset: str, method: str | None = None, category: str | None = None) -> str:
+    """The stage's name in dvc.yaml / dvc.lock: ``fit@patchcore-demo``; ``report`` (no matrix)."""
+    if dataset in ("all", ""):
+        return stage
+    return stage + "@" + "-".join(x for x in (method, dataset, category) if x)
+
+
 def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, dataset: str,
               method: str | None = None, category: str | None = None, params_file: str = "params.yaml",
               log_params: dict | None = None) -> None:
@@ -118,7 +192,7 @@ def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, da
 
     try:
         params = Params.load(params_file)
-        dvc_stage = stage + "@" + "-".join(x for x in (method, dataset, category) if x)
+        dvc_stage = dvc_stage_name(stage, dataset=dataset, method=method, category=category)
         with stage_dataset_guard(dataset), stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, params={"profile": params.profile, "seed": params.seed,
                                                           "device": params.device, **(log_params or {})},
