@@ -11,7 +11,7 @@ args = stage_args(__doc__, "method", "dataset")
 
 def body(params, run):
     _, cfg = pipeline.load_method_config(params, args.method)
-    run.log_params({"method": cfg.model_dump(mode="json")})
+    run.log_params({"method": cfg.model_dump(mode="json"), "image_size": params.dataset(args.dataset).image_size})
 
     def each(category, model_dir, stats):
         with run.child(category) as child:

@@ -7,7 +7,8 @@ args = stage_args(__doc__, "dataset")
 
 
 def body(params, run):
-    run.log_params({"synthesis": params.profiled("synthesis", "cache")})
+    run.log_params({"synthesis": params.profiled("synthesis", "cache"),
+                    "image_size": params.dataset(args.dataset).image_size})
 
     def each(category, out_dir, stats):
         with run.child(category) as child:
