@@ -12,7 +12,7 @@ def body(params, run):
     from defectlab.methods import get_method
 
     cfg = params.section("backbone", "ds2", get_method("ds2").Config)
-    run.log_params({"backbone": cfg.model_dump(mode="json")})
+    run.log_params({"backbone": cfg.model_dump(mode="json"), "image_size": params.dataset(args.dataset).image_size})
     stats = pipeline.train_backbone(params, args.dataset)
     run.log_artifacts(pipeline.Layout().backbone(args.dataset), "backbone")
     return stats

@@ -10,7 +10,7 @@ from defectlab import pipeline
 
 def body(params, run):
     _, cfg = pipeline.load_method_config(params, args.method)
-    run.log_params({"method": cfg.model_dump(mode="json")})
+    run.log_params({"method": cfg.model_dump(mode="json"), "image_size": params.dataset(args.dataset).image_size})
 
     def each(category, metrics, dest):
         with run.child(category) as child:

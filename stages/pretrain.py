@@ -9,7 +9,7 @@ from defectlab import pipeline
 
 def body(params, run):
     _, cfg = pipeline.load_method_config(params, args.method)
-    run.log_params({"method": cfg.model_dump(mode="json")})
+    run.log_params({"method": cfg.model_dump(mode="json"), "image_size": params.dataset(args.dataset).image_size})
     stats = pipeline.pretrain(params, args.method, args.dataset)
     run.log_artifacts(pipeline.Layout().pretrain(args.method, args.dataset), "pretrain")
     return stats

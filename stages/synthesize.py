@@ -8,7 +8,8 @@ from defectlab import pipeline
 
 
 def body(params, run):
-    run.log_params({"synthesis": params.profiled("synthesis", "cache")})
+    run.log_params({"synthesis": params.profiled("synthesis", "cache"),
+                    "image_size": params.dataset(args.dataset).image_size})
 
     def each(category, out_dir, stats):
         with run.child(category) as child:

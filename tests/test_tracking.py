@@ -46,7 +46,7 @@ def test_unreachable_server_fails_fast_or_falls_back(local_store, monkeypatch):
     with pytest.raises(tracking.TrackingError, match="unreachable"):
         tracking.setup({"timeout_s": 2})
     assert time.perf_counter() - t0 < 10
-    assert tracking.setup({"timeout_s": 2, "fallback_local": True}) == tracking.LOCAL_URI
+    assert tracking.setup({"timeout_s": 2, "fallback_local": True}) == tracking.local_uri(local_store.resolve())
 
 
 def test_tracking_off_is_a_noop(monkeypatch):

@@ -1,13 +1,22 @@
 """MLflow tracking: one run per stage execution.
 
-- Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else params ``tracking.uri``, else a local
-  SQLite store in the repository (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``) — a
-  database store, so the model registry (aliases ``champion`` / ``challenger``) works locally.
+- Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else params ``tracking.uri``, else the local
+  SQLite store of the project, ``<project root>/mlflow.db`` as an absolute URI (artifacts in
+  ``<project root>/mlartifacts/``) — a database store, so the model registry (aliases
+  ``champion`` / ``challenger``) works locally. The project root is the DVC repo root of the
+  original project, also when a stage runs in a `dvc exp run --temp` / `--queue` copy under
+  ``<root>/.dvc/tmp/exps/...`` (``project_root``): every experiment lands in one store.
 - Experiment per dataset; run name ``<stage>/<method>/<category>``; tags for method, dataset,
-  category, profile, stage, DVC stage name, git commit, seed and library versions. A stage that
-  covers all categories of a dataset (fit, evaluate) opens one parent run ``<stage>/<method>``
-  and one nested child run per category (``StageRun.child``) holding that category's metrics,
-  artifacts and registered model.
+  category, profile, stage, DVC stage name, seed, library versions, MLflow's source tags
+  (``mlflow.source.git.commit`` / ``.git.branch`` / ``.name`` / ``.type``; ``git.commit`` kept)
+  and ``dvc.exp_name`` inside a DVC experiment. A stage that covers all categories of a dataset
+  (fit, evaluate, synthesize) opens one parent run ``<stage>/<method>`` and one nested child run
+  per category (``StageRun.child``) holding that category's metrics, artifacts and registered
+  model; a child gets the parent's params plus ``category``, so MLflow's compare view diffs any
+  two runs. A per-category run logs the category's prepared data as an MLflow dataset input
+  (name ``<dataset>/<category>``, digest from its ``manifest.csv``).
+- Training loops' per-step losses (``defectlab.steplog``) become step-indexed metrics of the
+  stage's run.
 - A fitted model is registered as a new version of ``<method>-<dataset>-<category>`` only when its
   files differ from the latest version's (tag ``content.sha256``): rerunning a dataset-wide fit
   after one category changed adds no version to the others.
@@ -22,14 +31,19 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from defectlab import steplog
 from defectlab.errors import DefectlabError
 
-LOCAL_URI = "sqlite:///mlflow.db"
+LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
+#: where DVC runs a `dvc exp run --temp` / queued experiment: a copy of the repo in a temp dir
+#: under the original repo's ``.dvc/tmp/exps/`` (dvc.repo.experiments.executor.local.TempDirExecutor)
+EXPS_DIR = "/.dvc/tmp/exps/"
 
 
 class TrackingError(DefectlabError, RuntimeError):
@@ -48,15 +62,43 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The project's DVC repo root: the original repo for a stage running in a DVC experiment's temp
+    copy (``<root>/.dvc/tmp/exps/<tmp>/...``), else the nearest folder at or above ``cwd`` holding
+    ``.dvc``, else ``cwd``. DVC also passes ``DVC_ROOT`` (the original root in queued / temp runs), but
+    a plain `dvc repro` keeps a ``DVC_ROOT`` inherited from an outer process (dvc.stage.run.prepare_kwargs),
+    so it can name another project: the path is the signal used."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    text = cwd.as_posix() + "/"
+    if EXPS_DIR in text:
+        return Path(text[:text.index(EXPS_DIR)])
+    return next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
+
+
+def local_uri(root: str | Path | None = None) -> str:
+    """The project's local store as an absolute sqlite URI (``sqlite:////abs/path/mlflow.db``)."""
+    return f"sqlite:///{(Path(root) if root else project_root()) / LOCAL_DB}"
+
+
+def _git(root, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def git_info(root: str | Path = ".") -> dict[str, str]:
+    """{'commit': sha or 'unknown', 'dirty': 'True' | 'False', 'branch': name or ''} of the checkout at ``root``."""
+    try:
+        sha = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+        branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD") if sha else ""
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty, branch = "", False, ""
+    return {"commit": sha or "unknown", "dirty": str(dirty), "branch": "" if branch == "HEAD" else branch}
+
+
 def git_commit(root: str | Path = ".") -> tuple[str, bool]:
     """(commit sha or 'unknown', dirty flag)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-        return sha or "unknown", dirty
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", False
+    info = git_info(root)
+    return info["commit"], info["dirty"] == "True"
 
 
 def versions() -> dict[str, str]:
@@ -74,7 +116,7 @@ def versions() -> dict[str, str]:
 
 def tracking_uri(config: dict | None = None) -> str:
     config = config or {}
-    return os.environ.get("MLFLOW_TRACKING_URI") or config.get("uri") or LOCAL_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.get("uri") or local_uri()
 
 
 def _check_reachable(uri: str, timeout: float) -> None:
@@ -100,7 +142,7 @@ def setup(config: dict | None = None) -> str | None:
     except TrackingError:
         if not config.get("fallback_local", False):
             raise
-        uri = LOCAL_URI
+        uri = local_uri()
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.get("timeout_s", 5)) * 2))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     mlflow.set_tracking_uri(uri)
@@ -132,7 +174,9 @@ def _experiment(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     uri = mlflow.get_tracking_uri()
-    location = Path(LOCAL_ARTIFACTS).resolve().as_uri() + f"/{name}" if uri.startswith("sqlite") else None
+    # a sqlite store keeps its artifacts next to the database file (the project root for the local store)
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    location = (db.parent / LOCAL_ARTIFACTS).resolve().as_uri() + f"/{name}" if db else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another process
@@ -145,10 +189,13 @@ class StageRun:
     def __init__(self, run=None, tags: dict | None = None):
         self.run = run
         self.tags = dict(tags or {})
+        self.params: dict[str, str] = {}     # what log_params sent (a child starts with these)
 
     @contextlib.contextmanager
-    def child(self, category: str) -> Iterator["StageRun"]:
-        """A nested run for one category of a dataset-wide stage (a no-op when tracking is off)."""
+    def child(self, category: str, data_context: str | None = None) -> Iterator["StageRun"]:
+        """A nested run for one category of a dataset-wide stage (a no-op when tracking is off): the
+        parent's tags and params plus ``category``, and the category's data as a dataset input
+        (``data_context``: "evaluation" for the evaluate stage, else "training")."""
         if not self.run:
             yield StageRun(None)
             return
@@ -158,7 +205,10 @@ class StageRun:
         name = "/".join(x for x in (tags.get("stage"), tags.get("method"), category) if x)
         with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True,
                               tags=tags) as run:
-            yield StageRun(run, tags)
+            child = StageRun(run, tags)
+            child.log_params({**self.params, "category": category})
+            child.log_category_input(tags["dataset"], category, data_context or _data_context(tags.get("stage")))
+            yield child
 
     @property
     def active(self) -> bool:
@@ -173,6 +223,7 @@ class StageRun:
             import mlflow
 
             flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            self.params.update(flat)
             items = list(flat.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
@@ -185,6 +236,26 @@ class StageRun:
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
             if clean:
                 mlflow.log_metrics(clean)
+
+    def log_category_input(self, dataset: str, category: str, context: str) -> None:
+        """Log ``data/prepared/<dataset>/<category>`` as this run's MLflow dataset input ``<dataset>/<category>``:
+        digest = the sha256 of its ``manifest.csv`` (every file by sha256), cut to the 36 characters
+        MLflow stores (the full hash is the input tag ``manifest.sha256``). Nothing when there is no manifest."""
+        from defectlab.io import sha256_file
+        from defectlab.pipeline import Layout
+
+        folder = Layout().prepared(dataset) / category
+        if not self.run or not (folder / "manifest.csv").is_file():
+            return
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        sha = sha256_file(folder / "manifest.csv")
+        # the folder in the project itself (not in the temp copy of a `dvc exp run --temp`)
+        source = LocalArtifactDatasetSource(str(folder if folder.is_absolute() else project_root() / folder))
+        ds = MetaDataset(source, name=f"{dataset}/{category}", digest=sha[:36])
+        mlflow.log_input(ds, context=context, tags={"manifest.sha256": sha})
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run:
@@ -262,13 +333,42 @@ def stage_run(stage: str, *, dataset: str, method: str | None = None, category: 
         return
     import mlflow
 
-    commit, dirty = git_commit()
     tags = {"stage": stage, "dataset": dataset, "method": method or "", "category": category or "",
-            "profile": profile or "", "seed": str(seed), "git.commit": commit, "git.dirty": str(dirty),
-            "dvc.stage": dvc_stage or stage, **{f"version.{k}": v for k, v in versions().items()}}
+            "profile": profile or "", "seed": str(seed), "dvc.stage": dvc_stage or stage,
+            **source_tags(stage, dvc_stage), **{f"version.{k}": v for k, v in versions().items()}}
     name = "/".join(x for x in (stage, method, category) if x)
     with mlflow.start_run(experiment_id=_experiment(dataset), run_name=name, tags=tags) as run:
         sr = StageRun(run, tags)
-        if params:
-            sr.log_params(params)
-        yield sr
+        sr.log_params({"dataset": dataset, **({"method": method} if method else {}),
+                       **({"category": category} if category else {}), **(params or {})})
+        if category:
+            sr.log_category_input(dataset, category, _data_context(stage))
+        with steplog.sink(lambda key, value, step: mlflow.log_metric(key, value, step=step)):
+            yield sr
+
+
+def _data_context(stage: str | None) -> str:
+    return "evaluation" if stage == "evaluate" else "training"
+
+
+def source_tags(stage: str, dvc_stage: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags (``mlflow.source.*``; the UI's Source / Git commit columns), the
+    ``git.*`` tags and, inside `dvc exp run`, the experiment's name and baseline commit."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME,
+                                          MLFLOW_SOURCE_TYPE)
+
+    git = git_info()
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = Path.cwd().resolve()
+    name = script.relative_to(root).as_posix() if script and script.is_file() and script.is_relative_to(root) \
+        else os.environ.get("DVC_STAGE") or dvc_stage or stage
+    tags = {MLFLOW_GIT_COMMIT: git["commit"], MLFLOW_SOURCE_NAME: name,
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+            "git.commit": git["commit"], "git.dirty": git["dirty"]}
+    if git["branch"]:
+        tags[MLFLOW_GIT_BRANCH] = git["branch"]
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags

@@ -75,6 +75,7 @@ from torch import nn
 
 from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from defectlab.resume import Checkpoint, image_files
+from defectlab.steplog import log_step
 from defectlab.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image, load_mask
 from defectlab.errors import ConfigError
 from defectlab.memory import gaussian_blur
@@ -402,7 +403,7 @@ class APC(PatchCore):
             batches.rng = np.random.default_rng([ctx.seed, 90, epoch])     # per epoch: resumes identically
             torch.manual_seed(ctx.seed * 1000 + epoch)
             sums: dict[str, float] = {}
-            for x01, m, y in batches:
+            for i, (x01, m, y) in enumerate(batches):
                 x01, m, y = x01.to(self.device), m.to(self.device), y.to(self.device)
                 terms = apc_losses(net(normalize(x01)), x01, m, y, cfg)
                 opt.zero_grad(set_to_none=True)
@@ -410,6 +411,7 @@ class APC(PatchCore):
                 opt.step()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                log_step("loss/apc", float(terms["total"].detach()), epoch * len(batches) + i, cfg.epochs * len(batches))
             history.append({k: v / len(batches) for k, v in sums.items()})
             bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
             ckpt.save({"epoch": epoch + 1, "history": history, "net": net.state_dict(), "opt": opt.state_dict()})

@@ -66,6 +66,7 @@ from defectlab.config import StrictModel
 from defectlab.errors import ResourceMissingError
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
 from defectlab.resume import Checkpoint, image_files
+from defectlab.steplog import log_step
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -405,9 +406,11 @@ def make_batch_views(images: torch.Tensor, gen: torch.Generator, cfg: DS2Config)
 
 
 def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device: torch.device,
-              work_dir: Path | None = None, progress: bool = False, desc: str = "ds2") -> tuple[DS2Net, dict]:
+              work_dir: Path | None = None, progress: bool = False, desc: str = "ds2",
+              curve: str = "loss/ds2") -> tuple[DS2Net, dict]:
     """Pretrain a DS2Net on the images at ``paths``; returns the network and training statistics.
-    With ``work_dir`` and ``cfg.checkpoint_every``, resumable from a checkpoint of the same inputs."""
+    With ``work_dir`` and ``cfg.checkpoint_every``, resumable from a checkpoint of the same inputs.
+    Each step's loss goes to ``steplog`` as curve ``curve``."""
     from tqdm.auto import tqdm
 
     size = cfg.load_size or image_size
@@ -454,6 +457,7 @@ def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device
         opt.step()
         net.momentum_update(momentum_at(step, total, cfg.momentum))
         losses.append(float(loss.detach()))
+        log_step(curve, losses[-1], step, total)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             checkpoint.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step + 1),
@@ -525,7 +529,8 @@ class DS2(AnomalyMethod):
             out = ctx.out_dir if cat is None else ctx.out_dir / cat
             out.mkdir(parents=True, exist_ok=True)
             net, st = train_ds2(config, paths, image_size=ctx.image_size, seed=ctx.seed, device=ctx.device,
-                                work_dir=ctx.work_dir, progress=ctx.progress, desc=f"ds2 {ctx.dataset} {cat or 'all'}")
+                                work_dir=ctx.work_dir, progress=ctx.progress, desc=f"ds2 {ctx.dataset} {cat or 'all'}",
+                                curve="loss/ds2" if cat is None else f"loss/ds2/{cat}")
             meta = {"weights": "ds2", "dataset": ctx.dataset, "categories": ctx.categories if cat is None else [cat],
                     "config": config.model_dump(mode="json"), "stats": st}
             save_backbone(net.backbone, out / "backbone.safetensors", config.backbone, meta)

@@ -88,6 +88,7 @@ from defectlab.losses import focal_loss
 from defectlab.memory import knn
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
 from defectlab.resume import Checkpoint, image_files
+from defectlab.steplog import log_step
 from defectlab.synthesis import blend, perlin_mask, procedural_texture
 
 log = logging.getLogger(__name__)
@@ -461,13 +462,14 @@ def step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, tor
 
 def train_loop(module: nn.Module, params: Iterable[nn.Parameter], step_loss: Callable[[int, Any], tuple[torch.Tensor, dict]],
                batches: Callable[[int], Iterator], *, iters: int, lr_at: Callable[[int], float],
-               checkpoint: Checkpoint, every: int, desc: str, progress: bool) -> dict[str, float]:
+               checkpoint: Checkpoint, every: int, desc: str, progress: bool, curve: str | None = None) -> dict[str, float]:
     """Adam on ``step_loss(step, batch)`` for steps [start, iters), where ``batches(start)``
     yields one batch per step. Every ``every`` steps ``module``'s state and the optimiser state
     go to ``checkpoint`` (``defectlab.resume``: named by a fingerprint of the training's inputs);
     an existing one is resumed from, and removed once training completes. Returns the mean of each logged term
     over the last 10 % of the steps run (``<desc>_<term>``) and over the first 10 %
-    (``<desc>_<term>_start``), so a caller can see the loss fall."""
+    (``<desc>_<term>_start``), so a caller can see the loss fall. Each step's loss goes to
+    ``steplog`` as curve ``curve`` (default ``loss/dsr_<desc>``)."""
     from tqdm.auto import tqdm
 
     device = next(module.parameters()).device
@@ -490,6 +492,7 @@ def train_loop(module: nn.Module, params: Iterable[nn.Parameter], step_loss: Cal
         loss.backward()
         optim.step()
         history.append({"loss": loss.item(), **logs})
+        log_step(curve or f"loss/dsr_{desc}", history[-1]["loss"], step, iters)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if (step + 1) % every == 0 and step + 1 < iters:
             checkpoint.save({"step": step + 1, "model": module.state_dict(), "optim": optim.state_dict()})
@@ -825,7 +828,8 @@ class DSR(AnomalyMethod):
 
         stats = train_loop(self.net.upsampler, self.net.upsampler.parameters(), step_loss, batches,
                            iters=cfg.stage3_iters, lr_at=lambda step: cfg.stage3_lr, checkpoint=checkpoint,
-                           every=cfg.checkpoint_every, desc="stage3", progress=ctx.progress)
+                           every=cfg.checkpoint_every, desc="stage3", progress=ctx.progress,
+                           curve=f"loss/dsr_stage3/{ctx.category}")   # the fit stage's run covers every category
         self.net.upsampler.eval()
         return stats
 

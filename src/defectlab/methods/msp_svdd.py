@@ -84,6 +84,7 @@ from defectlab.errors import ConfigError, ResourceMissingError
 from defectlab.memory import NearestNeighbourIndex
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
 from defectlab.resume import Checkpoint, image_files
+from defectlab.steplog import log_step
 
 log = logging.getLogger(__name__)
 
@@ -495,6 +496,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
             start = int(ck["epoch"])
             log.info("msp_svdd: resuming at epoch %d", start)
         n_img = images.shape[0]
+        per_epoch = math.ceil(n_img * cfg.patches_per_image / cfg.batch_size)   # optimiser steps per epoch
         for epoch in tqdm(range(start, cfg.epochs), desc="msp_svdd train", disable=not progress, leave=False):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             record: dict = {"epoch": epoch}
@@ -518,6 +520,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                log_step("loss/msp_svdd", float(loss.detach()), epoch * per_epoch + steps, cfg.epochs * per_epoch)
                 steps += 1
             record.update({k: v / steps for k, v in sums.items()})
             history.append(record)

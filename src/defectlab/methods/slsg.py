@@ -85,6 +85,7 @@ from defectlab.data.mvtec import Sample
 from defectlab.errors import ConfigError
 from defectlab.io import write_json
 from defectlab.losses import focal_loss
+from defectlab.steplog import log_step
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext
 
 log = logging.getLogger(__name__)
@@ -477,6 +478,8 @@ class SLSG(AnomalyMethod):
             opt_g.step()
             for k, v in (("loss", loss), ("l1", l1), ("adv", adv), ("aux", aux_loss), ("disc", loss_d)):
                 history[k].append(float(v.detach()))
+            log_step("loss/slsg_gptnet", history["loss"][-1], step, total)
+            log_step("loss/slsg_disc", history["disc"][-1], step, total)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 ckpt.save({"gen": gen_net.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
                            "opt_d": opt_d.state_dict(), "step": step + 1, "history": history})
@@ -641,6 +644,7 @@ class SLSG(AnomalyMethod):
             opt.step()
             for k, v in losses.items():
                 history[k].append(float(v.detach()))
+            log_step("loss/slsg_segnet", history["loss"][-1], step, cfg.seg_iters)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.seg_iters:
                 ckpt.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1, "history": history})
         ckpt.remove()
