@@ -54,12 +54,15 @@ def test_child_runs_carry_params_and_the_category_dataset(project):
 
     manifest = project / "data" / "prepared" / "demo" / "board" / "manifest.csv"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    from defectlab.stagekit import prepared_dir
+
     with tracking.stage_run("fit", dataset="demo", method="patchcore", profile="smoke", seed=3,
-                            params={"profile": "smoke", "seed": 3}) as run:
+                            params={"profile": "smoke", "seed": 3}, data_dir=prepared_dir) as run:
         run.log_params({"method": {"coreset_ratio": 0.1}, "image_size": 64})
         with run.child("board") as child:
             child.log_metrics({"fit_seconds": 1.0})
-    with tracking.stage_run("evaluate", dataset="demo", method="patchcore", profile="smoke", seed=3) as ev:
+    with tracking.stage_run("evaluate", dataset="demo", method="patchcore", profile="smoke", seed=3,
+                            data_dir=prepared_dir) as ev:
         with ev.child("board") as ev_child:
             ev_child.log_metrics({"image_auroc": 0.5})
 

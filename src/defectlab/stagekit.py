@@ -180,6 +180,12 @@ def dvc_stage_name(stage: str, *, dataset: str, method: str | None = None, categ
     return stage + "@" + "-".join(x for x in (method, dataset, category) if x)
 
 
+def prepared_dir(dataset: str, category: str) -> Path:
+    from defectlab.pipeline import Layout
+
+    return Layout().prepared(dataset) / category
+
+
 def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, dataset: str,
               method: str | None = None, category: str | None = None, params_file: str = "params.yaml",
               log_params: dict | None = None) -> None:
@@ -196,7 +202,7 @@ def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, da
         with stage_dataset_guard(dataset), stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, params={"profile": params.profile, "seed": params.seed,
                                                           "device": params.device, **(log_params or {})},
-                                config=params.tracking, dvc_stage=dvc_stage) as run:
+                                config=params.tracking, dvc_stage=dvc_stage, data_dir=prepared_dir) as run:
             t0 = time.perf_counter()
             result = body(params, run) or {}
             run.log_metrics({"stage_seconds": time.perf_counter() - t0})

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from defectlab import steplog
 from defectlab.errors import DefectlabError
@@ -186,9 +186,10 @@ def _experiment(name: str) -> str:
 class StageRun:
     """Thin wrapper handed to stage code; every method is a no-op when tracking is off."""
 
-    def __init__(self, run=None, tags: dict | None = None):
+    def __init__(self, run=None, tags: dict | None = None, data_dir: Callable[[str, str], Path] | None = None):
         self.run = run
         self.tags = dict(tags or {})
+        self.data_dir = data_dir   # (dataset, category) -> its prepared folder (the stage's layout)
         self.params: dict[str, str] = {}     # what log_params sent (a child starts with these)
 
     @contextlib.contextmanager
@@ -205,7 +206,7 @@ class StageRun:
         name = "/".join(x for x in (tags.get("stage"), tags.get("method"), category) if x)
         with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True,
                               tags=tags) as run:
-            child = StageRun(run, tags)
+            child = StageRun(run, tags, self.data_dir)
             child.log_params({**self.params, "category": category})
             child.log_category_input(tags["dataset"], category, data_context or _data_context(tags.get("stage")))
             yield child
@@ -242,10 +243,11 @@ class StageRun:
         digest = the sha256 of its ``manifest.csv`` (every file by sha256), cut to the 36 characters
         MLflow stores (the full hash is the input tag ``manifest.sha256``). Nothing when there is no manifest."""
         from defectlab.io import sha256_file
-        from defectlab.pipeline import Layout
 
-        folder = Layout().prepared(dataset) / category
-        if not self.run or not (folder / "manifest.csv").is_file():
+        if not self.run or self.data_dir is None:
+            return
+        folder = Path(self.data_dir(dataset, category))
+        if not (folder / "manifest.csv").is_file():
             return
         import mlflow
         from mlflow.data.meta_dataset import MetaDataset
@@ -326,8 +328,10 @@ class StageRun:
 @contextlib.contextmanager
 def stage_run(stage: str, *, dataset: str, method: str | None = None, category: str | None = None,
               profile: str | None = None, seed: int | None = None, params: dict | None = None,
-              config: dict | None = None, dvc_stage: str | None = None) -> Iterator[StageRun]:
-    """Open an MLflow run for one stage execution (or a no-op when tracking is disabled)."""
+              config: dict | None = None, dvc_stage: str | None = None,
+              data_dir: Callable[[str, str], Path] | None = None) -> Iterator[StageRun]:
+    """Open an MLflow run for one stage execution (or a no-op when tracking is disabled).
+    ``data_dir(dataset, category)``: the category's prepared folder, logged as the run's dataset input."""
     if setup(config) is None:
         yield StageRun(None)
         return
@@ -338,7 +342,7 @@ def stage_run(stage: str, *, dataset: str, method: str | None = None, category: 
             **source_tags(stage, dvc_stage), **{f"version.{k}": v for k, v in versions().items()}}
     name = "/".join(x for x in (stage, method, category) if x)
     with mlflow.start_run(experiment_id=_experiment(dataset), run_name=name, tags=tags) as run:
-        sr = StageRun(run, tags)
+        sr = StageRun(run, tags, data_dir)
         sr.log_params({"dataset": dataset, **({"method": method} if method else {}),
                        **({"category": category} if category else {}), **(params or {})})
         if category:
