@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +23,8 @@ from conftest import git_dvc_init, make_project, project_env, sh
 
 pytestmark = pytest.mark.slow
 CATS = ["weave", "board"]
+ROOT = Path(__file__).resolve().parents[1]
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 
 
 def ran(out: str) -> set[str]:
@@ -62,6 +68,45 @@ def test_the_report_writes_a_summary_and_one_overlaid_chart_per_category_and_cur
     roc = json.loads((proj / "plots/compare/roc_image/demo/weave.json").read_text())
     assert {r["method"] for r in roc} == {"patchcore"} and roc == sorted(roc, key=lambda r: r["i"])
     assert roc[-1]["tpr"] == 1.0 and roc[-1]["fpr"] == 1.0
+
+
+def render_dvc_plots(proj: Path, env: dict, work: Path, screenshot: Path | None = None) -> str:
+    """`dvc plots show` into ``work``, rendered by headless Chromium; returns the DOM after the page's
+    scripts ran. DVC's page loads vega / vega-lite / vega-embed from a CDN, which this machine cannot
+    reach: the same versions come from the npm registry (`npm pack`) and are served next to the page."""
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if browser is None or shutil.which("npm") is None:
+        pytest.skip("needs headless Chromium (`apt-get install chromium`) and npm")
+    sh(["dvc", "plots", "show", "-o", str(work / "dvc_plots")], proj, env)
+    page = work / "dvc_plots" / "index.html"
+    html = page.read_text()
+    for url, pkg, version in re.findall(r'<script src="(https://cdn\.jsdelivr\.net/npm/([\w-]+)@([\d.]+))"', html):
+        r = subprocess.run(["npm", "pack", f"{pkg}@{version}", "--silent"], cwd=work, capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            pytest.skip(f"npm pack {pkg}@{version} failed (no registry?): {r.stderr[-300:]}")
+        with tarfile.open(work / r.stdout.strip().splitlines()[-1]) as tar:
+            member = tar.extractfile(f"package/build/{pkg}.min.js")
+            (page.parent / f"{pkg}.min.js").write_bytes(member.read())
+        html = html.replace(url, f"{pkg}.min.js")
+    page.write_text(html)
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+            f"--user-data-dir={work / 'chrome'}", "--window-size=1400,1800", "--virtual-time-budget=20000"]
+    if screenshot is not None:
+        subprocess.run(args + [f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=180)
+    r = subprocess.run(args + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_dvc_plots_show_is_a_page_of_overlaid_charts_a_browser_renders(project, tmp_path):
+    proj, env = project
+    dom = render_dvc_plots(proj, env, tmp_path, screenshot=ROOT / "reports" / "dvc_plots_tiny.png")
+    embeds = re.findall(r'class="vega-embed[^"]*"', dom)
+    assert len(embeds) == 3 * len(CATS) + 1, len(embeds)          # every chart drawn, none left unrendered
+    assert dom.count("<canvas") >= len(embeds)
+    assert "Error" not in re.sub(r"<script.*?</script>", "", dom, flags=re.S)
 
 
 def test_metrics_diff_against_the_previous_commit_shows_what_changed(project):

@@ -148,7 +148,7 @@ def compare_plots(root: Path, rows: list[dict], out_dir: Path) -> int:
                     _write_rows(tmp / curve / dataset / f"{category}.json", points)
                     n += 1
         for dataset, methods in summary(rows).items():
-            bars = [{"method": method, "chart": f"{dataset}: {metric} (mean over categories)", "metric": metric,
+            bars = [{"method": method, "chart": f"{dataset}: mean {metric}", "metric": metric,
                      "value": entry[metric]}
                     for metric in COMPARE_BARS for method, entry in methods.items() if metric in entry]
             if bars:
