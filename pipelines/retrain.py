@@ -154,12 +154,15 @@ def add_to_training_set(root: str, dataset: str, category: str, accepted: list[d
 @task(name="rerun-affected-stages")
 def rerun_stages(root: str, method: str, dataset: str, category: str) -> str:
     target = f"evaluate@{method}-{dataset}"
+    # --no-run-cache: a changed stage really runs (fit registers the challenger, evaluate logs it),
+    # also when DVC's run-cache holds the same inputs (the same batch again after an undo)
+    repro = ["repro", "--no-run-cache"]
     # the synthesis cache belongs to the data version even when this method does not read it
-    out = run_dvc(["repro", f"synthesize@{dataset}"], Path(root))
-    out += run_dvc(["repro", target], Path(root))
+    out = run_dvc([*repro, f"synthesize@{dataset}"], Path(root))
+    out += run_dvc([*repro, target], Path(root))
     for stage, deps in stage_graph(Path(root)):   # and what consumes the metrics (the report)
         if target in deps:
-            out += run_dvc(["repro", "--single-item", stage], Path(root))
+            out += run_dvc([*repro, "--single-item", stage], Path(root))
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
     get_run_logger().info("stages rerun: %s", ", ".join(ran) or "none (up to date)")
     fault_point("retrain:stages-rerun")
@@ -263,20 +266,25 @@ def apply_decision(root: str, method: str, dataset: str, category: str, challeng
 # after the decision: keep the data version (git commit) or undo it (batch to review)
 # ---------------------------------------------------------------------------------------------
 def commit_data_version(root: Path, dataset: str, category: str, message: str) -> str | None:
-    """One git commit of dvc.lock (only that path; the user's other changes stay unstaged) when the
-    project is a git checkout and dvc.lock changed, then ``dvc push`` when a remote is configured.
+    """One git commit of dvc.lock and the outputs git holds (``cache: false``: the results table,
+    ``metrics/summary.json``, ``plots/compare``, so ``dvc metrics diff HEAD~1`` shows what the
+    retrain changed), only those paths (the user's other changes stay unstaged), when the project is
+    a git checkout and dvc.lock changed; then ``dvc push`` when a remote is configured.
     Returns the commit hash (None: not a git checkout or nothing to commit)."""
     import subprocess
+
+    from pipelines.workspace import uncached_outputs
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
     if git("rev-parse", "--is-inside-work-tree").returncode != 0:
         return None
-    git("add", "dvc.lock")
+    paths = ["dvc.lock", *(p.as_posix() for p in uncached_outputs(root) if (root / p).exists())]
+    git("add", "--", *paths)
     if git("diff", "--cached", "--quiet", "--", "dvc.lock").returncode == 0:
         return None
-    r = git("commit", "-m", message, "--", "dvc.lock")
+    r = git("commit", "-m", message, "--", *paths)
     if r.returncode != 0:
         raise StageFailed(f"git commit of the new data version failed: {r.stderr.strip() or r.stdout.strip()}")
     if run_dvc(["remote", "list"], root).strip():

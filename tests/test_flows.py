@@ -211,6 +211,10 @@ def test_retrain_promotes_better_challenger_and_quarantines_bad_files(project, f
     assert res["challenger_score"] > res["champion_score"] + 0.1, res
     assert str(get_alias(res["model"], CHAMPION).version) == res["challenger_version"]
     assert "changed" not in sh(["dvc", "status"], project)   # dvc.lock describes the new data version
+    # the data version's commit holds dvc.lock and the results git keeps (the summary metric among them)
+    committed = set(sh(["git", "show", "--name-only", "--format=", "HEAD"], project).split())
+    assert {"dvc.lock", "metrics/summary.json", "reports/results.md"} <= committed, committed
+    assert not sh(["git", "status", "--porcelain", "--", "dvc.lock", "metrics/summary.json", "plots/compare"], project)
 
 
 def tree_digest(root: Path, *parts: str) -> dict:
