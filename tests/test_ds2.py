@@ -241,3 +241,32 @@ def test_random_weights_skip_checkpoint(tiny_demo, tmp_path):
     with pytest.raises(Exception, match="no DS2 backbone"):
         DS2(DS2Config(**TINY)).fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
                                               device=torch.device("cpu"), pretrain_dir=tmp_path, progress=False))
+
+
+def test_benchmark_trains_the_ds2_backbone_at_the_profiles_backbone_settings(tiny_demo, tmp_path, monkeypatch):
+    """`defectlab benchmark --method ds2` trains what the `backbone` stage would (params
+    ``backbone.ds2`` at the profile), not the DS2 config's defaults (400 epochs at 224 px crops)."""
+    from pathlib import Path
+
+    import defectlab.methods.ds2 as ds2_module
+    from defectlab import pipeline
+    from defectlab.config import Params
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_train(cfg, paths, **kwargs):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(ds2_module, "train_ds2", fake_train)
+    params = Params.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    want = params.section("backbone", "ds2", ds2_module.DS2Config)
+    _, method_cfg = pipeline.load_method_config(params, "ds2")
+    assert (method_cfg.epochs, method_cfg.crop_size) != (want.epochs, want.crop_size)   # the two differ
+    with pytest.raises(Stop):
+        pipeline.benchmark(params, "ds2", tiny_demo, "weave", tmp_path / "out", image_size=64, progress=False)
+    assert seen["cfg"] == want
+    assert not (tmp_path / "out").exists()                                   # nothing partial left

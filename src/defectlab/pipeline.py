@@ -904,8 +904,12 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         t0 = time.perf_counter()
         pre = tmp / "pretrain"
         pre.mkdir()
-        cls.pretrain(cfg, PretrainContext(dataset=root.name, data_root=root, categories=[category], out_dir=pre,
-                                          image_size=size, seed=params.seed, device=device, progress=progress))
+        pctx = PretrainContext(dataset=root.name, data_root=root, categories=[category], out_dir=pre,
+                               image_size=size, seed=params.seed, device=device, progress=progress)
+        if cls.shared_backbone:   # DS2: what the `backbone` stage trains, at the profile's backbone.ds2 settings
+            cls.pretrain(params.section("backbone", "ds2", cls.Config), pctx)
+        else:
+            cls.pretrain(cfg, pctx)
         ctx = FitContext(dataset=root.name, category=category, data=data, image_size=size, seed=params.seed,
                          device=device, pretrain_dir=pre, progress=progress, work_dir=tmp)
         model, stats = train_and_fit(cls, cfg, ctx, tmp / "train")
