@@ -130,13 +130,24 @@ def test_lsgan_losses():
     assert lsgan_discriminator_loss(ones, zeros) == pytest.approx(1.0)
 
 
+def test_inpainting_mask_hides_8_pixel_patches_by_default():
+    """Sec. 4.4 / Tab. 4 "8-80 %": 8x8-pixel patches, 80 % of them hidden (32 x 32 patches at 256 px)."""
+    m = inpainting_mask(16, 256, SLSGConfig(large_masks=0), torch.Generator().manual_seed(0))
+    patches = torch.nn.functional.avg_pool2d(m, 8)
+    assert patches.shape[-2:] == (32, 32) and set(patches.unique().tolist()) <= {0.0, 1.0}
+    assert not set(torch.nn.functional.avg_pool2d(m, 16).unique().tolist()) <= {0.0, 1.0}   # not 16-px cells
+    assert m.mean() == pytest.approx(0.8, abs=0.01)
+    odd = inpainting_mask(2, 60, SLSGConfig(large_masks=0), torch.Generator().manual_seed(0))
+    assert odd.shape == (2, 1, 60, 60)                 # a size that is no multiple of 8: border patches cut
+
+
 def test_inpainting_mask_grid_and_large_masks():
-    cfg = SLSGConfig(grid=8, grid_mask_ratio=0.8, large_masks=1)
+    cfg = SLSGConfig(grid_cell=None, grid=8, grid_mask_ratio=0.8, large_masks=1)
     m = inpainting_mask(64, 64, cfg, torch.Generator().manual_seed(0))
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert 0.8 <= m.mean() < 0.95                      # 80 % of the cells + the large rectangles
     cells = torch.nn.functional.avg_pool2d(m, 8)       # grid cells are fully hidden or shown...
-    no_large = inpainting_mask(64, 64, SLSGConfig(large_masks=0), torch.Generator().manual_seed(0))
+    no_large = inpainting_mask(64, 64, SLSGConfig(grid_cell=None, large_masks=0), torch.Generator().manual_seed(0))
     assert set(torch.nn.functional.avg_pool2d(no_large, 8).unique().tolist()) <= {0.0, 1.0}
     assert no_large.mean() == pytest.approx(0.8, abs=0.03)
     assert ((cells > 0) & (cells < 1)).any()           # ...unless a large rectangle cuts them

@@ -5,9 +5,12 @@ Two networks share one ResNet-18 encoder (Sec. 4.2):
 
 1. **GPT-Net** (generative pre-training, Sec. 3.1), trained in ``pretrain`` on the normal
    training images of *every* category of the dataset: a U-Net (ResNet-18 encoder, a decoder of
-   four up-sampling blocks + conv blocks with skip connections) inpaints images whose S×S grid
-   cells are masked with probability p (8×8, 80 %; Sec. 4.2 says "grids of 8×8", Sec. 4.4 "patches of
-   size 8×8" — we follow the issue: S = 8 cells per side, ``grid``), on top of which large rectangles (40–150 px
+   four up-sampling blocks + conv blocks with skip connections) inpaints images whose grid
+   patches are masked with probability p: Sec. 4.4 "uses patches of size 8×8 to randomly mask 80 % of
+   the area (8-80 %)", and Tab. 4 compares patch sizes 4, 8 and 16 at 256 px, so the patch is 8×8
+   *pixels* (32×32 patches at 256 px, ``grid_cell: 8``); ``grid_cell: null`` cuts the image into
+   ``grid`` × ``grid`` cells instead (Sec. 4.2's "grids of 8×8" read as 8 cells per side: 32-px cells at
+   256 px, the smoke profile's setting). On top, large rectangles (40–150 px
    at 256 px) are masked too, so the encoder must learn short- and long-range (positional,
    logical) relations of normal images. An auxiliary head reconstructs the image straight from
    the bottleneck (ℓ2, ``L_aux^R``) so the deep encoder layers are not bypassed by the skips; a
@@ -103,7 +106,9 @@ class SLSGConfig(StrictModel):
                                         description="output channels of the four decoder blocks (1/16 .. 1/2)")
     head_channels: int = Field(32, ge=4, description="channels of the full-resolution output block")
     # -- GPT-Net (Sec. 3.1, 3.4, 4.2) -----------------------------------------------------------
-    grid: int = Field(8, ge=2, description="S: the image is cut into S x S grid cells")
+    grid_cell: int | None = Field(8, ge=1, description="side of a grid patch in pixels (Sec. 4.4: 8x8 patches, "
+                                                         "8-80 %); null: use `grid` cells per side")
+    grid: int = Field(8, ge=2, description="S: cells per side when grid_cell is null")
     grid_mask_ratio: float = Field(0.8, ge=0, le=1, description="p: share of grid cells masked")
     large_masks: int = Field(1, ge=0, description="large random rectangles masked on top of the grid mask")
     large_mask_frac: tuple[float, float] = Field((40 / 256, 150 / 256),
@@ -347,9 +352,14 @@ class SegNet(nn.Module):
 # Losses and masks
 # =============================================================================================
 def inpainting_mask(b: int, size: int, cfg: SLSGConfig, gen: torch.Generator) -> torch.Tensor:
-    """(B, 1, size, size) float mask, 1 = hidden: grid cells hidden with prob. p, plus large rectangles."""
-    cells = (torch.rand(b, 1, cfg.grid, cfg.grid, generator=gen) < cfg.grid_mask_ratio).float()
-    mask = F.interpolate(cells, size=(size, size), mode="nearest")
+    """(B, 1, size, size) float mask, 1 = hidden: grid patches (``grid_cell`` px, or ``grid`` per side)
+    hidden with prob. p, plus large rectangles."""
+    n = -(-size // cfg.grid_cell) if cfg.grid_cell else cfg.grid
+    cells = (torch.rand(b, 1, n, n, generator=gen) < cfg.grid_mask_ratio).float()
+    if cfg.grid_cell:   # whole patches of grid_cell px (the last row / column cut at the border)
+        mask = cells.repeat_interleave(cfg.grid_cell, 2).repeat_interleave(cfg.grid_cell, 3)[..., :size, :size]
+    else:
+        mask = F.interpolate(cells, size=(size, size), mode="nearest")
     lo, hi = cfg.large_mask_frac
     for i in range(b):
         for _ in range(cfg.large_masks):
