@@ -243,6 +243,22 @@ def test_random_weights_skip_checkpoint(tiny_demo, tmp_path):
                                               device=torch.device("cpu"), pretrain_dir=tmp_path, progress=False))
 
 
+def test_a_ds2_checkpoint_missing_backbone_weights_is_refused_naming_the_file(tiny_demo, tmp_path):
+    from safetensors.torch import save_file
+
+    from defectlab.backbones import build_backbone
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext
+
+    state = {k: v for k, v in build_backbone("resnet18", "random", seed=0).state_dict().items()
+             if not k.startswith("layer4.")}                     # e.g. a checkpoint of a truncated network
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "backbone.safetensors"))
+    ctx = FitContext(dataset="demo", category="grain", data=scan_category(tiny_demo, "grain"), image_size=64, seed=0,
+                     device=torch.device("cpu"), pretrain_dir=tmp_path, progress=False)
+    with pytest.raises(Exception, match=r"backbone\.safetensors: does not match resnet18 \(missing \['layer4"):
+        DS2(DS2Config(**TINY)).fit(ctx)
+
+
 def test_benchmark_trains_the_ds2_backbone_at_the_profiles_backbone_settings(tiny_demo, tmp_path, monkeypatch):
     """`defectlab benchmark --method ds2` trains what the `backbone` stage would (params
     ``backbone.ds2`` at the profile), not the DS2 config's defaults (400 epochs at 224 px crops)."""

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.backbones import (FeatureExtractor, build_backbone, extractor_from_state, extractor_state,
-                                 load_state_dict, save_backbone)
+                                 save_backbone)
 from defectlab.config import StrictModel
 from defectlab.errors import ResourceMissingError
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
@@ -553,9 +553,8 @@ class DS2(AnomalyMethod):
             path = folder / "backbone.safetensors"
             if not path.exists():
                 raise ResourceMissingError(f"{path}: no DS2 backbone; run the ds2 pretrain stage")
-            model = build_backbone(cfg.backbone, "random", seed=ctx.seed)
-            model.load_state_dict(load_state_dict(path), strict=False)
-            return model.eval(), str(path)
+            # every backbone key must be in the checkpoint (only a classification head may be absent)
+            return build_backbone(cfg.backbone, str(path), seed=ctx.seed), str(path)
         return build_backbone(cfg.backbone, "ds2", seed=ctx.seed, dataset=ctx.dataset), "ds2"
 
     def _pad(self, images: torch.Tensor) -> torch.Tensor:
