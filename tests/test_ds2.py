@@ -73,6 +73,21 @@ def test_pair_loss_terms():
     assert pair_loss(y, z, off).item() == pytest.approx(pair_loss(y, z2, off).item(), abs=1e-6)
 
 
+def test_pair_loss_sum_and_mean_weightings_match_hand_computed_values():
+    """Two images, 1 x 1 feature maps of 2 cells: image 0 has two positive pairs (cos 1 and 0),
+    image 1 one (cos -1). Eq. 1 sums per image: -(1 + 0), -(-1) -> batch mean 0; per-image mean:
+    -(1 + 0) / 2, 1 -> 0.25."""
+    y = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]], [[[1.0, 1.0]], [[0.0, 0.0]]]])   # (2, C=2, 1, 2)
+    z = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]], [[[-1.0, 0.0]], [[0.0, 1.0]]]])
+    # y cells: img0 (1,0),(0,1); img1 (1,0),(1,0). z cells: img0 (1,0),(0,0); img1 (-1,0),(0,1)
+    pos = torch.zeros(2, 2, 2, dtype=torch.bool)
+    pos[0, 0, 0] = True      # cos((1,0),(1,0)) = 1
+    pos[0, 1, 0] = True      # cos((0,1),(1,0)) = 0
+    pos[1, 0, 0] = True      # cos((1,0),(-1,0)) = -1
+    assert pair_loss(y, z, pos, "sum").item() == pytest.approx((-1.0 + 1.0) / 2, abs=1e-5)
+    assert pair_loss(y, z, pos, "mean").item() == pytest.approx((-0.5 + 1.0) / 2, abs=1e-5)
+
+
 def test_momentum_branch_gets_no_gradients_and_ema_moves_it():
     cfg = DS2Config(**TINY)
     net = DS2Net(cfg, seed=0)

@@ -26,8 +26,12 @@ larger of the two cells' diagonals (PixPro's normalisation; delta = ``pos_thresh
 DS2 vs 0.7 in PixPro, Sec. 3.1), and the second term is the single most similar pair of
 *backbone* feature vectors p_i in Θ_a = f(view a), p'_j in Θ'_b = f'(view b) (Sec. 3.2,
 ``feature_pair``; off = PixPro). The loss is the negative cosine similarity of the online output
-y_i and the momentum output z_j averaged over each image's positive pairs (Eq. 1), summed over
-the two directions and averaged over the scales (Eq. 3's 1/2 for two scales).
+y_i and the momentum output z_j over each image's positive pairs, summed over the two directions
+and averaged over the scales (Eq. 3's 1/2 for two scales). Eq. 1 and 3 *sum* over the positive
+pairs (``pair_weighting: sum``, the paper profile); ``mean`` averages them per image, as PixPro's
+implementation does, which gives the single top-1 feature pair far more weight when a scale has
+few geometric positives (c5 at delta = 0.1). With LARS (the paper's optimiser) the overall scale of
+the loss does not matter, only this relative weighting of pairs, images and scales.
 
 The online backbone is saved with ``defectlab.backbones.save_backbone`` as
 ``backbone.safetensors`` (one-for-all, the paper's setting) so that ``build_backbone(arch,
@@ -79,6 +83,7 @@ class DS2Config(StrictModel):
     scales: list[Literal["layer2", "layer3", "layer4"]] = ["layer3", "layer4"]   # c4, c5
     feature_pair: bool = True             # Sec. 3.2 top-1 similar pair; False = PixPro
     pos_threshold: float = 0.1            # delta, in units of the larger feature-cell diagonal
+    pair_weighting: Literal["mean", "sum"] = "mean"   # sum: Eq. 1/3 as written; mean: per image (PixPro code)
     proj_hidden: int = 4096
     proj_dim: int = 256
     ppm_gamma: float = 2.0
@@ -232,12 +237,15 @@ def feature_top1_positive(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.T
     return mask.view_as(sim)
 
 
-def pair_loss(y: torch.Tensor, z: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Negative cosine similarity of online y (B, C, h, w) and momentum z over the positive pairs,
-    averaged per image over its positives, then over the batch (Eq. 1)."""
+def pair_loss(y: torch.Tensor, z: torch.Tensor, positives: torch.Tensor, weighting: str = "mean") -> torch.Tensor:
+    """Negative cosine similarity of online y (B, C, h, w) and momentum z over the positive pairs of
+    each image, summed (``weighting="sum"``: Eq. 1) or averaged (``"mean"``) over them, then
+    averaged over the batch."""
     cos = torch.einsum("bci,bcj->bij", F.normalize(y.flatten(2), dim=1), F.normalize(z.flatten(2), dim=1))
     pos = positives.to(cos.dtype)
-    per_image = -(cos * pos).sum((1, 2)) / (pos.sum((1, 2)) + 1e-6)
+    per_image = -(cos * pos).sum((1, 2))
+    if weighting == "mean":
+        per_image = per_image / (pos.sum((1, 2)) + 1e-6)
     return per_image.mean()
 
 
@@ -337,7 +345,7 @@ class DS2Net(nn.Module):
                 pos = geometric_positives(ga[0], ga[1], gb[0], gb[1], h, w, cfg.pos_threshold, image_hw)
                 if cfg.feature_pair:
                     pos = pos | feature_top1_positive(on[s][a * b:(a + 1) * b].detach(), mo[s][bb * b:(bb + 1) * b])
-                loss_s = loss_s + pair_loss(y[a * b:(a + 1) * b], z[bb * b:(bb + 1) * b], pos)
+                loss_s = loss_s + pair_loss(y[a * b:(a + 1) * b], z[bb * b:(bb + 1) * b], pos, cfg.pair_weighting)
                 n_pos += float(pos.sum()) / (2 * b)
             total = total + loss_s / len(self.scales)
             stats[f"loss_{s}"] = float(loss_s.detach())
