@@ -392,3 +392,16 @@ def test_converter_hardlinks_by_default(tmp_path):
     assert (tmp_path / "h" / "bottle" / "train" / "good" / "000.png").stat().st_ino == orig.stat().st_ino
     assert (tmp_path / "c" / "bottle" / "train" / "good" / "000.png").stat().st_ino != orig.stat().st_ino
     assert not any(p.is_symlink() for p in (tmp_path / "h").rglob("*"))
+
+
+def test_loco_category_without_defects_config_is_an_error_for_spro_not_a_silent_pro(tmp_path):
+    from defectlab.pipeline import defects_for_spro
+
+    _loco_category(tmp_path / "r" / "juice_bottle")
+    (tmp_path / "r" / "juice_bottle" / "defects_config.json").unlink()
+    data = scan_category(tmp_path / "r", "juice_bottle")
+    with pytest.raises(DatasetError, match=r"juice_bottle/defects_config.json.*missing"):
+        defects_for_spro(data.test, 32, config_required=True)
+    # outside LOCO (no config required) each defect saturates at its own area: a per-defect PRO
+    per_defect = defects_for_spro(data.test, 32)
+    assert [sat for d in per_defect for _, sat in d] == [100.0, 60.0, 4.0]

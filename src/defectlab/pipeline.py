@@ -702,11 +702,14 @@ def score_category(model, data, image_size: int, batch_size: int, progress: bool
     return out, time.perf_counter() - t0
 
 
-def defects_for_spro(samples, size: int) -> list[list[tuple[np.ndarray, float]]]:
+def defects_for_spro(samples, size: int, config_required: bool = False) -> list[list[tuple[np.ndarray, float]]]:
     """Per test image, its annotated defects as (mask at ``size``, saturation area in pixels):
     MVTec LOCO's per-defect masks with the saturation thresholds of its defects_config.json;
-    elsewhere each defect's saturation area is its own area (sPRO then reduces to a per-defect PRO)."""
+    elsewhere each defect's saturation area is its own area (sPRO then reduces to a per-defect PRO).
+    ``config_required`` (an MVTec LOCO dataset): a category without defects_config.json is an
+    error, not a silent per-defect PRO reported as sPRO."""
     from defectlab.data import load_defect_masks, load_defects_config
+    from defectlab.errors import DatasetError
 
     configs: dict[Path, dict] = {}
     out = []
@@ -715,13 +718,19 @@ def defects_for_spro(samples, size: int) -> list[list[tuple[np.ndarray, float]]]
             cat_dir = s.path.parent.parent.parent          # <cat>/test/<defect>/<image>
             if cat_dir not in configs:
                 configs[cat_dir] = load_defects_config(cat_dir)
+                if config_required and not configs[cat_dir]:
+                    raise DatasetError(cat_dir / "defects_config.json",
+                                       "missing: MVTec LOCO's sPRO needs the saturation thresholds it lists (it "
+                                       "comes with the dataset archive: `defectlab download mvtec_loco --raw-dir "
+                                       "DIR --out DIR` restores it)")
             out.append(load_defect_masks(s, configs[cat_dir], size))
         else:
             out.append([])
     return out
 
 
-def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None) -> tuple[dict, dict]:
+def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None,
+                spro_config_required: bool = False) -> tuple[dict, dict]:
     """All metrics and the curves for plots: overall, per defect type (``<metric>_<type>``, the
     test/<type> folder name) and per defect kind from defects.json (``<metric>_structural``,
     ``_logical``; a type defects.json does not list has kind ``unknown``, which gets no keys of
@@ -744,7 +753,7 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
 
     def spro_of(idx) -> float:                 # per-defect masks read once, when first needed
         if not defects:
-            defects.extend(defects_for_spro(samples, size or maps.shape[-1]))
+            defects.extend(defects_for_spro(samples, size or maps.shape[-1], spro_config_required))
         return spro([defects[i] for i in idx], maps[idx], max_fpr=ev.max_fpr_spro)
 
     if samples is not None:
@@ -792,7 +801,8 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
         model = get_method(method).load(model_dir, device)
     with resize_mode(spec.resize):
         out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
-        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size)
+        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size,
+                                          spro_config_required=spec.source == "mvtec_loco")
     fit_stats = model.meta.get("fit", {})
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
                     "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
