@@ -70,7 +70,7 @@ def test_the_report_writes_a_summary_and_one_overlaid_chart_per_category_and_cur
     assert roc[-1]["tpr"] == 1.0 and roc[-1]["fpr"] == 1.0
 
 
-def render_dvc_plots(proj: Path, env: dict, work: Path, screenshot: Path | None = None) -> str:
+def render_dvc_plots(proj: Path, env: dict, work: Path, screenshot: Path | None = None, height: int = 1800) -> str:
     """`dvc plots show` into ``work``, rendered by headless Chromium; returns the DOM after the page's
     scripts ran. DVC's page loads vega / vega-lite / vega-embed from a CDN, which this machine cannot
     reach: the same versions come from the npm registry (`npm pack`) and are served next to the page."""
@@ -92,7 +92,7 @@ def render_dvc_plots(proj: Path, env: dict, work: Path, screenshot: Path | None 
     page.write_text(html)
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-            f"--user-data-dir={work / 'chrome'}", "--window-size=1400,1800", "--virtual-time-budget=20000"]
+            f"--user-data-dir={work / 'chrome'}", f"--window-size=1400,{height}", "--virtual-time-budget=20000"]
     if screenshot is not None:
         subprocess.run(args + [f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=180)
     r = subprocess.run(args + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
