@@ -55,6 +55,10 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
 
     versions = MlflowClient().search_model_versions("name='patchcore-demo-weave'")
     assert len(versions) == 1 and versions[0].tags.get("content.sha256")
+    # the DS2 backbone's training curve: one point per step, logged in batches by the stage's run
+    (backbone_run,) = parents[parents["tags.stage"] == "backbone"]["run_id"]
+    history = MlflowClient().get_metric_history(backbone_run, "loss/ds2")
+    assert len(history) > 1 and [m.step for m in history] == sorted(m.step for m in history)
 
 
 def test_second_repro_runs_nothing(project):

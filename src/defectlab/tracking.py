@@ -347,8 +347,48 @@ def stage_run(stage: str, *, dataset: str, method: str | None = None, category: 
                        **({"category": category} if category else {}), **(params or {})})
         if category:
             sr.log_category_input(dataset, category, _data_context(stage))
-        with steplog.sink(lambda key, value, step: mlflow.log_metric(key, value, step=step)):
-            yield sr
+        steps = _StepBuffer()
+        try:
+            with steplog.sink(steps.add):
+                yield sr
+        finally:
+            try:
+                steps.flush()
+            except Exception as err:  # noqa: BLE001 - never hide the stage's own outcome behind its curves
+                print(f"warning: the training curves of run {sr.run_id} were not logged: {err}", file=sys.stderr)
+
+
+class _StepBuffer:
+    """Per-step training metrics, sent to the run that was active when each was recorded in batches
+    of up to 1000 (``MlflowClient.log_batch``: one call per batch instead of one per point, ~50x
+    less time on a local sqlite store than ``mlflow.log_metric`` per step)."""
+
+    def __init__(self, size: int = 1000):
+        self.size, self.points = size, []
+
+    def add(self, key: str, value: float, step: int) -> None:
+        import time
+
+        import mlflow
+        from mlflow.entities import Metric
+
+        run = mlflow.active_run()
+        if run is not None:
+            self.points.append((run.info.run_id, Metric(key, value, int(time.time() * 1000), step)))
+        if len(self.points) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        from mlflow import MlflowClient
+
+        by_run: dict[str, list] = {}
+        for run_id, metric in self.points:
+            by_run.setdefault(run_id, []).append(metric)
+        self.points = []
+        client = MlflowClient()
+        for run_id, metrics in by_run.items():
+            for i in range(0, len(metrics), self.size):
+                client.log_batch(run_id, metrics=metrics[i:i + self.size])
 
 
 def _data_context(stage: str | None) -> str:
