@@ -1,7 +1,7 @@
 """Per-step training curves without the methods knowing about MLflow.
 
 A training loop calls ``log_step("loss/<loop>", value, step, total)`` where it computes its loss.
-``tracking.stage_run`` installs a sink (``mlflow.log_metric(name, value, step=step)``) for the
+``tracking.stage_run`` installs a sink (buffered, sent with ``MlflowClient.log_batch``) for the
 duration of the stage's run; without one (tests, benchmarks, tracking off) the call does nothing.
 A curve of ``total`` steps is thinned to at most ``MAX_POINTS`` evenly spaced steps (plus the last
 one), so a long training does not send a row per step.
