@@ -31,6 +31,21 @@ def small_demo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def tracked_project(tmp_path, monkeypatch) -> Path:
+    """A DVC-looking project (``.dvc/``) with one prepared category, as the cwd, tracking on into its
+    own local store (no tracking URI or DVC experiment variables inherited)."""
+    (tmp_path / ".dvc").mkdir()
+    cat = tmp_path / "data" / "prepared" / "demo" / "board"
+    cat.mkdir(parents=True)
+    (cat / "manifest.csv").write_text("category,split,path,sha256\nboard,train,train/good/0.png,abc\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEFECTLAB_TRACKING", "on")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
 # ---------------------------------------------------------------------------------------------
 # tiny copies of the project for the end-to-end tests (dvc repro, flows, MLflow UI)
 # ---------------------------------------------------------------------------------------------

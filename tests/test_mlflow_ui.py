@@ -140,7 +140,7 @@ def compare_row(tokens: list[str], section: str, key: str, n: int = 2) -> list[s
     return tokens[at + 1:at + 1 + n]
 
 
-def test_mlflow_compare_page_shows_two_profiles_side_by_side(tmp_path, monkeypatch):
+def test_mlflow_compare_page_shows_two_profiles_side_by_side(tracked_project):
     """Two evaluate runs of the same category at profiles smoke and default, logged as the stages log
     them (parent + per-category child: the child inherits params); MLflow's compare-runs page
     (``#/compare-runs?runs=[...]&experiments=[...]``) lists profile, a config param and the metric
@@ -150,13 +150,7 @@ def test_mlflow_compare_page_shows_two_profiles_side_by_side(tmp_path, monkeypat
 
     from defectlab import tracking
 
-    (tmp_path / ".dvc").mkdir()
-    cat = tmp_path / "data" / "prepared" / "demo" / "board"
-    cat.mkdir(parents=True)
-    (cat / "manifest.csv").write_text("category,split,path,sha256\nboard,train,train/good/0.png,abc\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DEFECTLAB_TRACKING", "on")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tmp_path = tracked_project
     runs = {}
     for profile, auroc, ratio in (("smoke", 0.6125, 0.01), ("default", 0.8731, 0.1)):
         with tracking.stage_run("evaluate", dataset="demo", method="patchcore", profile=profile, seed=0,

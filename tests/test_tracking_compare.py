@@ -12,17 +12,9 @@ from defectlab import steplog, tracking
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A DVC-looking project (``.dvc/``) with one prepared category, as the cwd, tracking on."""
-    (tmp_path / ".dvc").mkdir()
-    cat = tmp_path / "data" / "prepared" / "demo" / "board"
-    cat.mkdir(parents=True)
-    (cat / "manifest.csv").write_text("category,split,path,sha256\nboard,train,train/good/0.png,abc\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DEFECTLAB_TRACKING", "on")
-    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path
+def project(tracked_project):
+    """A DVC-looking project with one prepared category, as the cwd, tracking on (conftest)."""
+    return tracked_project
 
 
 def test_store_of_a_dvc_exp_temp_workspace_is_the_projects(project, monkeypatch):
