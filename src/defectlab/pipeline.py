@@ -810,15 +810,14 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
     dest = dest or eval_dest(layout, method, dataset)
-    write_json(Path(dest["metrics"]) / f"{category}.json", metrics)
-    for curve in CURVES:   # every curve file exists (empty when the curve is undefined, e.g. one class)
-        write_json(Path(dest["plots"][curve]) / f"{category}.json", curve_data.get(curve, []))
     with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(spec.resize):
         write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
-        # a copy in the (DVC-cached) overlay folder: what a later run keeps when nothing changed
+        # metrics and curves live in the (DVC-cached) overlay folder: what a later run keeps when
+        # nothing changed; every curve file exists (empty when undefined, e.g. one class)
         write_json(tmp / KEPT / "metrics.json", metrics)
         for curve in CURVES:
             write_json(tmp / KEPT / f"{curve}.json", curve_data.get(curve, []))
+    _publish_results(Path(dest["maps"]) / category / KEPT, dest, category)
     return metrics
 
 
@@ -882,11 +881,17 @@ def _reuse_evaluation(final: dict, dest: dict, category: str, key: str) -> bool:
     if not (stamp.exists() and stamp.read_text().strip() == key
             and all((kept / f"{name}.json").exists() for name in ("metrics", *CURVES))):
         return False
-    shutil.copy2(kept / "metrics.json", Path(dest["metrics"]) / f"{category}.json")
-    for curve, d in dest["plots"].items():
-        shutil.copy2(kept / f"{curve}.json", Path(d) / f"{category}.json")
     shutil.copytree(before, Path(dest["maps"]) / category)
+    _publish_results(kept, dest, category)
     return True
+
+
+def _publish_results(kept: Path, dest: dict, category: str) -> None:
+    """The category's metrics and curves from its overlay folder's ``results/`` copy to the stage's
+    metrics/ and plots/ outputs (``dest``)."""
+    for src, folder in (("metrics", dest["metrics"]), *((curve, d) for curve, d in dest["plots"].items())):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(kept / f"{src}.json", Path(folder) / f"{category}.json")
 
 
 # ---------------------------------------------------------------------------------------------

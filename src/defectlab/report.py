@@ -97,9 +97,11 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
-#: the per-method means `metrics/summary.json` holds (what `dvc exp show` lists)
+#: what `metrics/summary.json` holds per method and dataset (what `dvc exp show` lists): the mean
+#: over categories of the accuracy metrics and images/s, the sum of the fit and train seconds
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "spro", "image_auroc_logical")
-SUMMARY_COSTS = ("train_seconds", "fit_seconds", "images_per_second")
+SUMMARY = {**{m: (np.mean, 4) for m in (*SUMMARY_METRICS, "images_per_second")},
+           "train_seconds": (np.sum, 2), "fit_seconds": (np.sum, 2)}   # name: (aggregate, decimals)
 #: the curves drawn per category with every method overlaid: (curve, x field, y field)
 COMPARE_CURVES = (("roc_image", "fpr", "tpr"), ("pr_image", "recall", "precision"), ("pro", "fpr", "pro"))
 #: the bars of the per-dataset summary chart
@@ -113,14 +115,10 @@ def summary(rows: list[dict]) -> dict:
     for (method, dataset) in sorted({(r["method"], r["dataset"]) for r in rows}):
         sel = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
         entry = {}
-        for c in SUMMARY_METRICS + ("images_per_second",):
+        for c, (aggregate, decimals) in SUMMARY.items():
             vals = [r[c] for r in sel if isinstance(r.get(c), (int, float))]
             if vals:
-                entry[c] = round(float(np.mean(vals)), 4)
-        for c in ("train_seconds", "fit_seconds"):
-            vals = [r[c] for r in sel if isinstance(r.get(c), (int, float))]
-            if vals:
-                entry[c] = round(float(np.sum(vals)), 2)
+                entry[c] = round(float(aggregate(vals)), decimals)
         entry["n_categories"] = len(sel)
         out.setdefault(dataset, {})[method] = entry
     return out

@@ -95,12 +95,6 @@ def git_info(root: str | Path = ".") -> dict[str, str]:
     return {"commit": sha or "unknown", "dirty": str(dirty), "branch": "" if branch == "HEAD" else branch}
 
 
-def git_commit(root: str | Path = ".") -> tuple[str, bool]:
-    """(commit sha or 'unknown', dirty flag)."""
-    info = git_info(root)
-    return info["commit"], info["dirty"] == "True"
-
-
 def versions() -> dict[str, str]:
     """Installed versions (package metadata: no import, so stages without torch stay light)."""
     from importlib.metadata import PackageNotFoundError, version
