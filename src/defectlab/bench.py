@@ -41,6 +41,17 @@ def _timed_forward(extractor, images: torch.Tensor, batch: int, device) -> float
     return time.perf_counter() - t0
 
 
+def _timer(dev):
+    """``timed(fn)``: seconds ``fn()`` takes on ``dev`` (waiting for CUDA's queue)."""
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    return timed
+
+
 def bench_patchcore(data, *, image_size: int, backbone: str = "resnet18", weights: str = "random",
                     layers=("layer2", "layer3"), embed_dim: int = 1024, coreset_ratio: float = 0.1,
                     batch_size: int = 16, device: str = "cpu", exact: bool = True, seed: int = 0,
@@ -155,43 +166,23 @@ def bench_fit(method: str, data, params, *, image_size: int, device: str = "cpu"
 
     from defectlab.backbones import resolve_device
     from defectlab.errors import ConfigError
-    from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
-    from defectlab.pipeline import load_method_config
+    from defectlab.methods.base import AnomalyMethod, make_loader
 
-    cls, cfg = load_method_config(params, method)
     if method in ("dsr", "slsg"):
         raise ConfigError(f"bench --method {method}: its fit runs no frozen embedding network, so there is no "
                           f"forward-pass floor to compare with (methods with one: patchcore, padim, ds2, apc, msp_svdd)")
-    cfg = cls.Config.model_validate({**cfg.model_dump(), **(overrides or {})})
     dev = resolve_device(device)
-    batch = getattr(cfg, "fit_batch_size", None) or getattr(cfg, "batch_size", None) or 16
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    timed = _timer(dev)
 
     with tempfile.TemporaryDirectory(prefix="defectlab-bench-fit-") as tmp:
-        pre = Path(tmp) / "pretrain"
-        pre.mkdir()
-        pctx = PretrainContext(dataset="bench", data_root=Path(tmp), categories=[data.category], out_dir=pre,
-                               image_size=image_size, seed=seed, device=dev, progress=False)
-        (cls.freeze_backbone if cls.shared_backbone else cls.pretrain)(cfg, pctx)
-        ctx = FitContext(dataset="bench", category=data.category, data=data, image_size=image_size, seed=seed,
-                         device=dev, pretrain_dir=pre, progress=False)
+        cls, cfg, model, ctx, t_train = _fit_for_bench(method, data, params, image_size=image_size, dev=dev,
+                                                       seed=seed, overrides=overrides, tmp=Path(tmp))  # + warm-up
+        batch = getattr(cfg, "fit_batch_size", None) or getattr(cfg, "batch_size", None) or 16
         out: dict = {"method": method, "profile": params.profile, "device": str(dev), "image_size": image_size,
                      "n_train": len(data.train), "backbone": getattr(cfg, "backbone", None)}
-        if cls.trains_per_category:
-            t0 = time.perf_counter()
-            trainer = cls(cfg, dev)
-            trainer.train(ctx)
-            trainer.save_trained(Path(tmp) / "train")
-            out["train_seconds"] = time.perf_counter() - t0
-            ctx.train_dir = Path(tmp) / "train"
-        model = cls(cfg, dev)
-        model.fit(ctx)                                                                # warm-up
+        if t_train is not None:
+            out["train_seconds"] = t_train
         images = _stack(data.train, image_size).to(dev)
 
         def over_images(fn):
@@ -218,6 +209,120 @@ def bench_fit(method: str, data, params, *, image_size: int, device: str = "cpu"
     if "image_forward_seconds" in out:
         out["fit_ratio_to_image_forward"] = (fit_s - load_s) / out["image_forward_seconds"]
     return out
+
+
+def _fit_for_bench(method: str, data, params, *, image_size: int, dev, seed: int, overrides: dict | None, tmp: Path):
+    """(config class, config, fitted model, FitContext, train seconds or None): ``method`` trained
+    (if it trains per category) and fitted as the `train` / `fit` stages would, in ``tmp``."""
+    from defectlab.methods.base import FitContext, PretrainContext
+    from defectlab.pipeline import load_method_config
+
+    cls, cfg = load_method_config(params, method)
+    known = {k: v for k, v in (overrides or {}).items() if k in cls.Config.model_fields}
+    cfg = cls.Config.model_validate({**cfg.model_dump(), **known})
+    pre = tmp / "pretrain"
+    pre.mkdir(exist_ok=True)
+    pctx = PretrainContext(dataset="bench", data_root=tmp, categories=[data.category], out_dir=pre,
+                           image_size=image_size, seed=seed, device=dev, progress=False)
+    (cls.freeze_backbone if cls.shared_backbone else cls.pretrain)(cfg, pctx)
+    ctx = FitContext(dataset="bench", category=data.category, data=data, image_size=image_size, seed=seed,
+                     device=dev, pretrain_dir=pre, progress=False)
+    t_train = None
+    if cls.trains_per_category:
+        t0 = time.perf_counter()
+        trainer = cls(cfg, dev)
+        trainer.train(ctx)
+        trainer.save_trained(tmp / "train")
+        t_train = time.perf_counter() - t0
+        ctx.train_dir = tmp / "train"
+    model = cls(cfg, dev)
+    model.fit(ctx)
+    return cls, cfg, model, ctx, t_train
+
+
+def bench_inference(method: str, data, params, *, image_size: int, device: str = "cpu", repeat: int = 3,
+                    seed: int = 0, batch: int = 8, overrides: dict | None = None) -> dict:
+    """A fitted method's inference (``predict`` over the test images, preloaded) against its floor.
+
+    The floor is the forward pass ``predict`` cannot skip: ``floor_forward`` over the same test
+    images in the same batches (the backbone for PatchCore / PaDiM / APC, every crop for DS2, every
+    scale's encoder over the grid for MSP-SVDD). DSR and SLSG are their networks' forward, so they
+    get images/s and no ratio. Floor and ``predict`` are timed ``repeat`` times, interleaved, after a
+    warm-up that also builds any search index (``index_seconds``); ratios are medians.
+
+    Methods that search a memory bank (``knn_approx``) are scored twice on the same fitted model,
+    with the configured search and with exact search, so ``*_points_vs_exact`` is the accuracy the
+    search itself costs (no seed noise: same bank, same features)."""
+    import tempfile
+
+    from defectlab.backbones import resolve_device
+    from defectlab.errors import ConfigError
+    from defectlab.methods.base import make_loader
+    from defectlab.metrics import image_metrics, pixel_metrics
+
+    dev = resolve_device(device)
+
+    timed = _timer(dev)
+
+    test = [b for b in make_loader(data.test, image_size, batch)]
+    images = [b["image"].to(dev) for b in test]
+    labels = np.concatenate([b["label"].numpy() for b in test])
+    masks = np.concatenate([b["mask"][:, 0].numpy() > 0.5 for b in test])
+    with tempfile.TemporaryDirectory(prefix="defectlab-bench-inference-") as tmp:
+        cls, cfg, model, _, t_train = _fit_for_bench(method, data, params, image_size=image_size, dev=dev,
+                                                     seed=seed, overrides=overrides, tmp=Path(tmp))
+
+    def predict_all(m):
+        with torch.no_grad():
+            out = [m.predict(x) for x in images]
+        return out
+
+    t0 = time.perf_counter()
+    out = predict_all(model)                                     # warm-up, builds the index
+    t_first = time.perf_counter() - t0
+    try:
+        with torch.no_grad():
+            model.floor_forward(images[0])
+        has_floor = True
+    except ConfigError:
+        has_floor = False
+    runs = []
+    for _ in range(max(1, repeat)):
+        with torch.no_grad():
+            floor = timed(lambda: [model.floor_forward(x) for x in images]) if has_floor else float("nan")
+        runs.append((floor, timed(lambda: predict_all(model))))
+    r = np.array(runs)
+    n = len(labels)
+
+    def accuracy(outputs):
+        scores = torch.cat([s.float().cpu() for s, _ in outputs]).numpy()
+        maps = torch.cat([m.float().cpu() for _, m in outputs]).numpy()
+        return image_metrics(labels, scores)["image_auroc"], pixel_metrics(masks, maps)["pixel_auroc"]
+
+    img, pix = accuracy(out)
+    res = {"method": method, "profile": params.profile, "device": str(dev), "image_size": image_size,
+           "n_test": n, "batch": batch, "backbone": getattr(cfg, "backbone", None), "repeat": len(runs),
+           "train_seconds": t_train, "first_pass_seconds": float(t_first),
+           "floor_seconds": float(np.median(r[:, 0])) if has_floor else None,
+           "predict_seconds": float(np.median(r[:, 1])), "images_per_second": n / float(np.median(r[:, 1])),
+           "ratio": float(np.median(r[:, 1] / r[:, 0])) if has_floor else None,
+           "ratio_range": [float((r[:, 1] / r[:, 0]).min()), float((r[:, 1] / r[:, 0]).max())] if has_floor else None,
+           "image_auroc": img, "pixel_auroc": pix}
+    if getattr(cfg, "knn_approx", None) not in (None, "exact"):
+        exact = cls(cfg.model_copy(update={"knn_approx": None}), dev)
+        exact.load_tensors(model.state_tensors())
+        exact.meta = dict(model.meta)
+        t_exact = timed(lambda: predict_all(exact))
+        img_e, pix_e = accuracy(predict_all(exact))
+        indexes = [model.index] if not callable(getattr(model, "index", None)) else \
+            [model.index(p) for p in getattr(cfg, "scales", [])]
+        res.update({"knn_approx": cfg.knn_approx, "index": [i.factory or "exact" for i in indexes],
+                    "bank_rows": [int(i.bank.shape[0]) for i in indexes],
+                    "exact_predict_seconds": t_exact, "speedup_vs_exact": t_exact / res["predict_seconds"],
+                    "image_auroc_exact": img_e, "pixel_auroc_exact": pix_e,
+                    "image_auroc_points_vs_exact": 100 * (img - img_e), "pixel_auroc_points_vs_exact": 100 * (pix - pix_e)})
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
 
 
 def bench_large_bank(n: int, dim: int, *, index: str = "IVF1024,SQfp16", n_queries: int = 2000, seed: int = 0,
@@ -264,6 +369,21 @@ def bench_large_bank(n: int, dim: int, *, index: str = "IVF1024,SQfp16", n_queri
             "bytes_per_vector": int(code_size), "index_gb": n * code_size / 2**30, "build_seconds": t_build,
             "query_ms_exact": 1e3 * t_exact / n_queries, "query_ms_approx": 1e3 * t_approx / n_queries,
             "peak_rss_mb": peak_rss_mb()}
+
+
+def inference_table(results: dict) -> str:
+    """One row per method of ``bench_inference`` results."""
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| method | images/s | predict ÷ floor | search | image AUROC (exact) | pixel AUROC (exact) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        search = ", ".join(r["index"]) if "index" in r else "–"
+        img = f(r["image_auroc"], ".4f") + (f" ({r['image_auroc_exact']:.4f})" if "index" in r else "")
+        pix = f(r["pixel_auroc"], ".4f") + (f" ({r['pixel_auroc_exact']:.4f})" if "index" in r else "")
+        lines.append(f"| {name} | {r['images_per_second']:.1f} | {f(r['ratio'], '.2f')} | {search} | {img} | {pix} |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -140,6 +140,8 @@ def bench(
     coreset_ratio: float = typer.Option(0.1),
     device: str = typer.Option("auto"),
     exact: bool = typer.Option(True, help="also time the one-at-a-time, unprojected greedy coreset"),
+    inference: bool = typer.Option(False, "--inference", help="time predict against its floor for --method "
+                                   "(comma-separated, or all), at --profile; with exact-search accuracy for kNN methods"),
     repeat: int = typer.Option(3, help="time forward and fits this many times; ratios are medians"),
     auroc_seeds: int = typer.Option(5, help="image AUROCs are means over this many coreset seeds"),
     bank: Optional[str] = typer.Option(None, help="also test an approximate faiss index on a random N,D bank, e.g. 1000000,1024"),
@@ -160,6 +162,20 @@ def bench(
             from defectlab.data import scan_category
 
             data = scan_category(root, category)
+        if inference:
+            from defectlab.config import Params
+
+            p = Params.load(params_file, profile=profile)
+            names = p.run.methods if method == "all" else method.split(",")
+            result = {}
+            for name in names:
+                typer.echo(f"bench --inference: {name} ({p.profile})", err=True)
+                result[name] = B.bench_inference(name, data, p, image_size=image_size, device=device, repeat=repeat,
+                                                 overrides={"weights": weights})
+                write_json(out, result)                  # what finished so far survives an interruption
+            write_text(out.with_suffix(".md"), B.inference_table(result) + "\n")
+            typer.echo(out.with_suffix(".md").read_text())
+            return
         if method != "patchcore":
             from defectlab.config import Params
 

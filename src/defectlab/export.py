@@ -190,11 +190,16 @@ def resolve_preprocess(info: dict, image_size: int | None = None) -> dict:
 
 
 def load_method(model_dir: str | Path, info: dict | None = None):
-    """The fitted method, on CPU."""
+    """The fitted method, on CPU, searching its bank exactly: the graph's kNN is one exact matrix
+    product, so the torch reference it is checked against must be exact too (``knn_approx: auto``
+    picks an inverted-file index for large banks on the CPU; an ONNX model always scores exactly)."""
     from defectlab.methods import get_method
 
     info = info if info is not None else read_model_json(model_dir)[0]
-    return get_method(info["method"]).load(model_dir, "cpu")
+    method = get_method(info["method"]).load(model_dir, "cpu")
+    if getattr(method.config, "knn_approx", None) in ("auto", "exact"):
+        method.config = method.config.model_copy(update={"knn_approx": None})
+    return method
 
 
 # =============================================================================================
@@ -431,7 +436,7 @@ def scoring_graph(method, pre: dict) -> nn.Module:
     if name not in GRAPHS:
         raise ConfigError(f"{name}: ONNX export not supported: no scoring graph for this method "
                           f"(supported: {', '.join(SUPPORTED + GENERIC)})")
-    if getattr(method.config, "knn_approx", None):
+    if getattr(method.config, "knn_approx", None) not in (None, "auto", "exact"):
         raise ConfigError(f"{name}: ONNX export not supported: knn_approx={method.config.knn_approx!r} scores with "
                           f"an approximate faiss index; the graph's exact kNN would not match it")
     return GRAPHS[name](method, pre).eval()

@@ -81,7 +81,7 @@ from torch import nn
 
 from defectlab.config import StrictModel
 from defectlab.errors import ConfigError, ResourceMissingError
-from defectlab.memory import NearestNeighbourIndex
+from defectlab.memory import NearestNeighbourIndex, rescore_top
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
 from defectlab.resume import Checkpoint, image_files
 from defectlab.steplog import log_step
@@ -124,6 +124,10 @@ class MSPSVDDConfig(StrictModel):
     score_window: int = Field(8, ge=1, description="image score window (Eq. 9)")
     score_stride: int = Field(4, ge=1)
     knn_backend: Literal["torch", "faiss"] = "torch"
+    knn_approx: str | None = Field("auto", description="auto | exact | faiss index-factory string "
+                                                         "(as PatchCore's: memory.auto_index_factory)")
+    knn_rescore: int = Field(16, ge=0, description="per image, this many largest patch distances re-searched "
+                                                   "exactly when the index is approximate (memory.rescore_top)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -362,7 +366,8 @@ class MultiScalePatchSVDD(AnomalyMethod):
     #: pretrain only freezes the VGG16-style initialisation
     PRETRAIN_READS = frozenset({"weights", "width"})
     #: the encoders' training does not read the bank grid or the scoring settings
-    TRAIN_IGNORES = frozenset({"strides", "score_window", "score_stride", "knn_backend"})
+    TRAIN_IGNORES = frozenset({"strides", "score_window", "score_stride", "knn_backend", "knn_approx",
+                               "knn_rescore"})
     RESULT_NEUTRAL = frozenset({"checkpoint_every"})
 
     def __init__(self, config: MSPSVDDConfig, device="cpu"):
@@ -628,7 +633,8 @@ class MultiScalePatchSVDD(AnomalyMethod):
     # -- predict ---------------------------------------------------------------------------------
     def index(self, patch: int) -> NearestNeighbourIndex:
         if patch not in self._index:
-            self._index[patch] = NearestNeighbourIndex(self.banks[patch], backend=self.config.knn_backend)
+            self._index[patch] = NearestNeighbourIndex(self.banks[patch], backend=self.config.knn_backend,
+                                                       approx=self.config.knn_approx)
         return self._index[patch]
 
     @torch.no_grad()
@@ -636,8 +642,11 @@ class MultiScalePatchSVDD(AnomalyMethod):
         """AM_θ (Eq. 6, 7): nearest-bank distance of every grid patch, averaged over the patches covering each pixel."""
         emb, ys, xs = self.embed_grid(images, patch)
         b, ny, nx, d = emb.shape
-        dist, _ = self.index(patch).search(emb.reshape(-1, d), k=1)
-        scores = dist[:, 0].reshape(b, ny, nx).to(self.device)
+        index = self.index(patch)
+        dist, idx = index.search(emb.reshape(-1, d), k=1)
+        dist = dist[:, 0].reshape(b, ny * nx).to(self.device)
+        rescore_top(dist, idx[:, 0].reshape(b, ny * nx), emb.reshape(b, ny * nx, d), index, self.config.knn_rescore)
+        scores = dist.reshape(b, ny, nx)
         h, w = images.shape[-2:]
         ry, rx = coverage(ys, patch, h, self.device), coverage(xs, patch, w, self.device)
         total = torch.einsum("ya,bac,xc->byx", ry, scores, rx)

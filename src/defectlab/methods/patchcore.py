@@ -22,7 +22,7 @@ import torch
 from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from defectlab.config import StrictModel
 from defectlab.memory import (FeatureStore, NearestNeighbourIndex, greedy_coreset, local_patch_features,
-                              patch_scores_to_maps, random_projection)
+                              patch_scores_to_maps, random_projection, rescore_top)
 from defectlab.methods.base import AnomalyMethod, FitContext, make_loader
 
 
@@ -43,7 +43,13 @@ class PatchCoreConfig(StrictModel):
     sigma: float = 4.0
     batch_size: int = 8
     knn_backend: Literal["torch", "faiss"] = "torch"
-    knn_approx: str | None = None  # faiss index-factory string for very large banks, e.g. "IVF1024,SQfp16"
+    #: auto: exact search on CUDA and for banks up to memory.AUTO_EXACT_MAX_ROWS rows, else a faiss
+    #: inverted file sized to the bank (memory.auto_index_factory); exact / null: always exact; or
+    #: any faiss index-factory string, e.g. "IVF1024,SQfp16" for banks of millions of rows
+    knn_approx: str | None = "auto"
+    #: with an approximate index, each image's this many largest patch distances are re-searched
+    #: exactly (memory.rescore_top): the image score is the exact search's
+    knn_rescore: int = 16
     #: new normal images of a category (a retrain) extend the fitted bank instead of re-embedding
     #: every image: the greedy coreset continues from the bank over the new patches only (``extend``)
     incremental: bool = True
@@ -189,8 +195,11 @@ class PatchCore(AnomalyMethod):
         """Nearest-bank distances (B, h, w), nearest bank indices (B, h·w), and the features."""
         f = self.embed(images)
         b, h, w, d = f.shape
+        f = f.reshape(b, h * w, d)
         dist, idx = self.index.search(f.reshape(-1, d), k=1)
-        return dist[:, 0].reshape(b, h, w).to(self.device), idx[:, 0].reshape(b, h * w), f.reshape(b, h * w, d)
+        dist, idx = dist[:, 0].reshape(b, h * w).to(self.device), idx[:, 0].reshape(b, h * w)
+        rescore_top(dist, idx, f, self.index, self.config.knn_rescore)
+        return dist.reshape(b, h, w), idx, f
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
