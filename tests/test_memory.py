@@ -257,3 +257,26 @@ def test_greedy_coreset_continues_from_an_existing_bank():
     assert greedy_coreset(new, 20, proj_dim=None, covered=bank).tolist() == sel
     assert sorted(greedy_coreset(new, 20, proj_dim=None, covered=bank, batch=4).tolist()) == sorted(sel)
     assert sum(i >= 150 for i in sel) >= 5        # the new mode, far from the bank, is covered first
+
+
+def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maximum():
+    """auto: exact up to AUTO_EXACT_MAX_ROWS rows; above, an IVF index whose overstated distances
+    rescore_top replaces by the exact ones for each image's largest patches."""
+    from defectlab.memory import AUTO_EXACT_MAX_ROWS, auto_index_factory, rescore_top
+
+    assert auto_index_factory(AUTO_EXACT_MAX_ROWS) is None
+    assert auto_index_factory(24576) == "IVF512,Flat"
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(64, 32, generator=gen)
+    bank = centres[torch.randint(64, (4000,), generator=gen)] + 0.3 * torch.randn(4000, 32, generator=gen)
+    feats = centres[torch.randint(64, (4, 500), generator=gen)] + 0.5 * torch.randn(4, 500, 32, generator=gen)
+    index = NearestNeighbourIndex(bank, approx="IVF64,Flat", nprobe=1)     # deliberately poor recall
+    assert index.approximate
+    d, i = index.search(feats.reshape(-1, 32))
+    d, i = d[:, 0].reshape(4, 500).clone(), i[:, 0].reshape(4, 500).clone()
+    exact, _ = NearestNeighbourIndex(bank).search(feats.reshape(-1, 32))
+    exact = exact[:, 0].reshape(4, 500)
+    assert (d > exact + 1e-4).any()                                         # the IVF missed some neighbours
+    rescore_top(d, i, feats, index, top=16)
+    assert torch.allclose(d.amax(1), exact.amax(1), atol=1e-4)              # image maxima now exact
+    assert torch.allclose(d.gather(1, d.topk(16, 1).indices), exact.gather(1, d.topk(16, 1).indices), atol=1e-4)
