@@ -266,6 +266,7 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
 
     assert auto_index_factory(AUTO_EXACT_MAX_ROWS) is None
     assert auto_index_factory(24576) == "IVF512,Flat"
+    assert auto_index_factory(34560) == "IVF512,Flat"      # not 1024: faiss wants >= 39 points per list
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(64, 32, generator=gen)
     bank = centres[torch.randint(64, (4000,), generator=gen)] + 0.3 * torch.randn(4000, 32, generator=gen)

@@ -312,10 +312,12 @@ def auto_index_factory(n_rows: int, device: str | torch.device = "cpu") -> str |
     Exact on CUDA (one GEMM per batch is already far below the backbone's forward there) and for
     banks of up to ``AUTO_EXACT_MAX_ROWS`` rows; above, an inverted file of uncompressed vectors
     (``IVF<L>,Flat``: distances to the found neighbours are exact) with L ≈ 4·√N lists, the power of
-    two nearest it, so a query costs ~(L + nprobe·N/L)·d instead of N·d."""
+    two nearest it (at most N/39), so a query costs ~(L + nprobe·N/L)·d instead of N·d."""
     if torch.device(device).type == "cuda" or n_rows <= AUTO_EXACT_MAX_ROWS:
         return None
-    return f"IVF{2 ** round(math.log2(4 * math.sqrt(n_rows)))},Flat"
+    # at most N/39 lists: faiss' k-means wants >= 39 training points per list
+    lists = min(2 ** round(math.log2(4 * math.sqrt(n_rows))), 2 ** int(math.log2(n_rows / 39)))
+    return f"IVF{lists},Flat"
 
 
 class NearestNeighbourIndex:
