@@ -702,31 +702,79 @@ def score_category(model, data, image_size: int, batch_size: int, progress: bool
     return out, time.perf_counter() - t0
 
 
-def defects_for_spro(samples, size: int, config_required: bool = False) -> list[list[tuple[np.ndarray, float]]]:
-    """Per test image, its annotated defects as (mask at ``size``, saturation area in pixels):
-    MVTec LOCO's per-defect masks with the saturation thresholds of its defects_config.json;
-    elsewhere each defect's saturation area is its own area (sPRO then reduces to a per-defect PRO).
+def defects_for_spro(samples, size: int | None = None, config_required: bool = False
+                     ) -> list[list[tuple[np.ndarray, float]]]:
+    """Per test image, its annotated defects as (mask, saturation area in pixels), at the ground
+    truth's own resolution (``size`` None) or resized to ``size``: MVTec LOCO's per-defect masks
+    with the saturation thresholds of its defects_config.json; elsewhere each defect's saturation
+    area is its own area (sPRO then reduces to a per-defect PRO).
     ``config_required`` (an MVTec LOCO dataset): a category without defects_config.json is an
     error, not a silent per-defect PRO reported as sPRO."""
+    return [_defects_of(s, {}, size, config_required) for s in samples]
+
+
+def _defects_of(sample, configs: dict, size: int | None, config_required: bool) -> list[tuple[np.ndarray, float]]:
     from defectlab.data import load_defect_masks, load_defects_config
     from defectlab.errors import DatasetError
 
-    configs: dict[Path, dict] = {}
-    out = []
+    if not sample.mask_paths:
+        return []
+    cat_dir = sample.path.parent.parent.parent          # <cat>/test/<defect>/<image>
+    if cat_dir not in configs:
+        configs[cat_dir] = load_defects_config(cat_dir)
+        if config_required and not configs[cat_dir]:
+            raise DatasetError(cat_dir / "defects_config.json",
+                               "missing: MVTec LOCO's sPRO needs the saturation thresholds it lists (it "
+                               "comes with the dataset archive: `defectlab download mvtec_loco --raw-dir "
+                               "DIR --out DIR` restores it)")
+    return load_defect_masks(sample, configs[cat_dir], size)
+
+
+def region_metrics_at_gt(out: dict, samples, subsets: dict[str, np.ndarray], ev: EvalParams,
+                         spro_names, config_required: bool = False) -> tuple[dict, dict]:
+    """AUPRO and sPRO as the official MVTec AD / LOCO evaluations compute them: each anomaly map
+    is brought back to its ground truth's resolution (``transform.map_to_original``: bilinear,
+    through the dataset's resize mode) and the regions / defects are taken from the full-size
+    masks, so a defect a few pixels wide counts even where shrinking the mask to the model's
+    input would erase it. ``subsets``: name -> boolean selection of the scored images (the overall
+    metric under name ""). Returns ({"aupro[_name]": v, "spro[_name]": v}, {"pro": curve points});
+    spro only for "" and ``spro_names``. One pass over the images; the maps are not all held."""
+    from defectlab.data import load_mask, probe_image
+    from defectlab.data.transform import current_mode, map_to_original
+    from defectlab.metrics import OverlapCurve, _thin, regions
+
+    mode = current_mode()
+    maps = out["maps"]
+    sizes = []
     for s in samples:
-        if s.mask_paths:
-            cat_dir = s.path.parent.parent.parent          # <cat>/test/<defect>/<image>
-            if cat_dir not in configs:
-                configs[cat_dir] = load_defects_config(cat_dir)
-                if config_required and not configs[cat_dir]:
-                    raise DatasetError(cat_dir / "defects_config.json",
-                                       "missing: MVTec LOCO's sPRO needs the saturation thresholds it lists (it "
-                                       "comes with the dataset archive: `defectlab download mvtec_loco --raw-dir "
-                                       "DIR --out DIR` restores it)")
-            out.append(load_defect_masks(s, configs[cat_dir], size))
-        else:
-            out.append([])
-    return out
+        w, h, _ = probe_image(s.path)
+        sizes.append((h, w))
+    areas = np.array([h * w for h, w in sizes], dtype=np.int64)
+    pro_acc = {n: OverlapCurve(ev.max_fpr_pro, int(areas[sel].sum())) for n, sel in subsets.items()}
+    spro_acc = {n: OverlapCurve(ev.max_fpr_spro, int(areas[sel].sum())) for n, sel in subsets.items()
+                if n == "" or n in spro_names}
+    configs: dict = {}
+    for i, s in enumerate(samples):
+        h, w = sizes[i]
+        full = map_to_original(maps[i], h, w, mode)
+        comps = regions(load_mask(s.mask_paths)) if s.mask_paths else []
+        defects = _defects_of(s, configs, None, config_required)
+        for name, sel in subsets.items():
+            if not sel[i]:
+                continue
+            pro_acc[name].add(full, comps)
+            if name in spro_acc:
+                spro_acc[name].add(full, defects)
+    values = {}
+    for name, acc in pro_acc.items():
+        values["aupro" + (f"_{name}" if name else "")] = acc.area()
+    for name, acc in spro_acc.items():
+        values["spro" + (f"_{name}" if name else "")] = acc.area()
+    if "" not in pro_acc:
+        return values, {}
+    fpr, pro = pro_acc[""].curve()
+    keep = fpr <= ev.max_fpr_pro
+    return values, {"pro": _thin([{"fpr": float(a), "pro": float(b)} for a, b in zip(fpr[keep], pro[keep])])}
 
 
 def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None,
@@ -736,11 +784,15 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
     ``_logical``; a type defects.json does not list has kind ``unknown``, which gets no keys of
     its own), each on the good images plus that subset's anomalies.
 
+    With ``samples`` (the scored images, in order) AUPRO and sPRO are computed at each ground
+    truth's resolution (``region_metrics_at_gt``); without, AUPRO is computed on the masks at the
+    maps' size and there is no sPRO. ``size`` is not used (kept for callers).
+
     Pixel metrics need the ground truth of every anomalous image: with ``masks: optional`` an
     anomalous image without a mask (``out["has_mask"]``, else its Sample in ``samples``) makes
     the pixel metrics (pixel_*, aupro, spro) of every subset holding it ``None``, with the reason
     in ``warnings``; the image metrics are computed as usual."""
-    from defectlab.metrics import compute_all, curves, spro
+    from defectlab.metrics import compute_all, curves
 
     labels, scores, masks, maps = out["labels"], out["scores"], out["masks"], out["maps"]
     has_mask = _mask_available(out, samples)
@@ -749,23 +801,26 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
     types = np.asarray(out.get("defect_types", out["kinds"]))
     subsets = {t: (types == "good") | (types == t) for t in sorted(set(types) - {"good"})}
     subsets.update({k: (kinds == "good") | (kinds == k) for k in sorted(set(kinds) - {"good", "unknown"})})
-    defects: list = []
-
-    def spro_of(idx) -> float:                 # per-defect masks read once, when first needed
-        if not defects:
-            defects.extend(defects_for_spro(samples, size or maps.shape[-1], spro_config_required))
-        return spro([defects[i] for i in idx], maps[idx], max_fpr=ev.max_fpr_spro)
-
-    if samples is not None:
-        metrics["spro"] = spro_of(np.arange(len(labels))) if metrics.get("pixel_auroc") is not None else None
+    region_sets = {"": np.ones(len(labels), dtype=bool)} if metrics.get("pixel_auroc") is not None else {}
     for name, sel in subsets.items():
         sub = compute_all(labels[sel], scores[sel], masks[sel], maps[sel], max_fpr_pro=ev.max_fpr_pro,
                           has_mask=None if has_mask is None else has_mask[sel])
         for key in ("image_auroc", "pixel_auroc", "aupro"):
             metrics[f"{key}_{name}"] = sub.get(key)
+        if sub.get("pixel_auroc") is not None:
+            region_sets[name] = sel
         if samples is not None and name in kinds:
-            metrics[f"spro_{name}"] = spro_of(np.flatnonzero(sel)) if sub.get("pixel_auroc") is not None else None
-    return metrics, curves(labels, scores, masks, maps, has_mask=has_mask)
+            metrics[f"spro_{name}"] = None
+    curve_data = curves(labels, scores, masks, maps, has_mask=has_mask)
+    if samples is not None:
+        metrics["spro"] = None
+        if region_sets:
+            values, gt_curves = region_metrics_at_gt(out, samples, region_sets, ev, set(kinds.tolist()) - {"good"},
+                                                     spro_config_required)
+            metrics.update(values)
+            if "pro" in curve_data:
+                curve_data.update(gt_curves)
+    return metrics, curve_data
 
 
 def _mask_available(out: dict, samples) -> np.ndarray | None:
