@@ -100,3 +100,73 @@ def test_overlap_curve_matches_spro_and_keeps_only_the_top_negatives():
     assert pro_acc.area() == pytest.approx(metrics.aupro(masks, maps, max_fpr=0.3), abs=1e-12)
     kept = sum(a.size for a in acc._neg)
     assert kept <= 2 * acc.cap + 40 * 40 and acc.cap < 0.06 * maps.size
+
+
+# --------------------------------------------------------------------------- KolektorSDD2 supervised protocol
+
+KH, KW = 40, 16          # KolektorSDD2 images are tall and narrow (about 630 x 230)
+
+
+def _raw_ksdd2(root: Path, n_good_train: int = 4, n_bad_train: int = 3, n_good_test: int = 2,
+               n_bad_test: int = 2) -> Path:
+    """KolektorSDD2's layout: train|test/<id>.png with <id>_GT.png (nonzero = defect)."""
+    rng = np.random.default_rng(3)
+    src = root / "KolektorSDD2"
+    for split, n_good, n_bad, base in (("train", n_good_train, n_bad_train, 10000),
+                                       ("test", n_good_test, n_bad_test, 20000)):
+        for i in range(n_good + n_bad):
+            _write(src / split / f"{base + i}.png", rng.integers(0, 255, (KH, KW, 3), dtype=np.uint8))
+            gt = np.zeros((KH, KW), np.uint8)
+            if i >= n_good:
+                gt[10 + i: 14 + i, 4:9] = 255
+            _write(src / split / f"{base + i}_GT.png", gt)
+    return src
+
+
+def test_ksdd2_supervised_draws_labelled_training_images_never_test(tmp_path):
+    """DSR's n_supervised (Table 2's N) draws KolektorSDD2's defective *training* images, which the
+    converter keeps in labelled/; no test image enters training."""
+    import torch
+
+    from defectlab.data import convert
+    from defectlab.errors import ConfigError
+    from defectlab.methods.base import FitContext
+    from defectlab.methods.dsr import DSR, DSRConfig
+
+    convert.convert_ksdd2(_raw_ksdd2(tmp_path / "raw"), tmp_path / "out")
+    data = scan_category(tmp_path / "out", "ksdd2")
+    assert len(data.labelled) == 3 and sum(s.label for s in data.test) == 2
+    ctx = FitContext(dataset="ksdd2", category="ksdd2", data=data, image_size=32, seed=0,
+                     device=torch.device("cpu"), progress=False)
+    model = DSR(DSRConfig(n_supervised=2), "cpu")
+    images, masks = model._supervised_examples(ctx)
+    chosen = set(model.meta["supervised_images"])
+    assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 1, 32, 32) and (masks.sum((1, 2, 3)) > 0).all()
+    assert chosen <= {str(s.path) for s in data.labelled}
+    assert not chosen & {str(s.path) for s in data.test}
+    with pytest.raises(ConfigError, match=r"methods.dsr.n_supervised: 4 requested, ksdd2 has 3 annotated "
+                                          r"anomalous training images"):
+        DSR(DSRConfig(n_supervised=4), "cpu")._supervised_examples(ctx)
+
+
+def test_ksdd2_prepare_records_the_labelled_split(tmp_path):
+    """`prepare` of a KolektorSDD2 source: labelled rows in the manifest, none in train or test."""
+    from defectlab.config import Params
+    from defectlab.pipeline import Layout, category_data, prepare
+
+    raw = tmp_path / "project" / "data" / "raw" / "ksdd2"
+    _raw_ksdd2(raw)
+    params = Params({"seed": 0, "run": {"datasets": ["ksdd2"], "categories": ["ksdd2"], "methods": []},
+                     "datasets": {"ksdd2": {"source": "ksdd2", "root": "data/raw/ksdd2", "categories": ["ksdd2"],
+                                            "image_size": 32}}})
+    layout = Layout(tmp_path / "project")
+    summary = prepare(params, "ksdd2", layout)
+    assert summary["ksdd2"]["labelled"] == 3 and summary["ksdd2"]["test"] == 4
+    import csv
+    with open(layout.prepared("ksdd2") / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labelled = [r for r in rows if r["split"] == "labelled"]
+    assert len(labelled) == 3 and all(r["path"].startswith("ksdd2/labelled/defect/") and r["masks"] for r in labelled)
+    assert not {r["path"] for r in labelled} & {r["path"] for r in rows if r["split"] != "labelled"}
+    data = category_data(params, "ksdd2", "ksdd2", layout)
+    assert len(data.labelled) == 3 and all(s.path.parent.name == "defect" for s in data.labelled)

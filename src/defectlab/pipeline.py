@@ -123,12 +123,13 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
     every file of every listed category passed ``scan_category`` + ``verify_samples`` (each
     image decoded once); a bad file leaves the previous version as it was.
 
-    Writes ``manifest.csv`` (every file: category, split = train | validation | test, path,
+    Writes ``manifest.csv`` (every file: category, split = train | validation | test | labelled, path,
     label, defect_type, kind, masks, sha256) and the same rows per category in
     ``<cat>/manifest.csv``: the per-category stages depend on ``data/prepared/<ds>/<cat>`` only,
     and a change in one category's files leaves every other category's folder byte-identical.
     ``validation`` rows are ``validation/good`` or the images ``data.split`` holds out of
-    ``train/good``. Returns per category: ``train`` (files in train/good), ``validation``,
+    ``train/good``; ``labelled`` rows are annotated anomalous training images (``labelled/<kind>/``,
+    e.g. KolektorSDD2's, for DSR's ``n_supervised``). Returns per category: ``train`` (files in train/good), ``validation``,
     ``test`` and ``link_mode`` (hardlink | copy | hardlink+copy | generated).
     """
     from defectlab.data import scan_category, verify_samples
@@ -166,14 +167,14 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
         rows, summary = [], {}
         for cat in spec.categories:
             data = scan_category(tmp, cat, masks_optional=masks_optional)
-            samples = [*data.train, *data.validation, *data.test]
+            samples = [*data.train, *data.validation, *data.test, *data.labelled]
             verify_samples([s for s in samples if not {s.path, *s.mask_paths} <= verified])   # fail here, not later
             split = hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
             cat_rows = _manifest_rows(tmp, cat, split)
             _write_manifest(tmp / cat / "manifest.csv", cat_rows)
             rows += cat_rows
             summary[cat] = {"train": len(data.train), "validation": len(split.validation), "test": len(data.test),
-                            "link_mode": modes[cat]}
+                            "link_mode": modes[cat], **({"labelled": len(data.labelled)} if data.labelled else {})}
         _write_manifest(tmp / "manifest.csv", rows)
         _write_manifest(tmp / PRETRAIN_MANIFEST, [r for r in rows if r["split"] == "train"])
     return summary
@@ -186,7 +187,8 @@ def _manifest_rows(root: Path, category: str, split) -> list[dict]:
     return [{"category": category, "split": name, "path": s.path.relative_to(root).as_posix(),
              "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
              "masks": ";".join(m.relative_to(root).as_posix() for m in s.mask_paths), "sha256": sha256_file(s.path)}
-            for name, part in (("train", split.train), ("test", split.test), ("validation", split.validation))
+            for name, part in (("train", split.train), ("test", split.test), ("validation", split.validation),
+                               ("labelled", split.labelled))
             for s in part]
 
 

@@ -8,6 +8,10 @@ Layout (one folder per category)::
     <root>/<category>/ground_truth/<kind>/<stem>_mask.png   one mask per defective image, or
     <root>/<category>/ground_truth/<kind>/<stem>.png        (same, BTAD-style name), or
     <root>/<category>/ground_truth/<kind>/<stem>/*.png      a folder of per-defect masks (LOCO)
+    <root>/<category>/labelled/<kind>/*.png       optional annotated anomalous *training* images (the
+                                                  supervised protocols, e.g. KolektorSDD2's 246), never
+                                                  scored; their masks in
+    <root>/<category>/labelled_ground_truth/<kind>/<stem>_mask.png   (every one needs its mask)
     <root>/<category>/defects.json                optional {defect type: structural|logical}
     <root>/<category>/defects_config.json         optional LOCO sPRO config (see load_defect_masks)
 
@@ -93,6 +97,8 @@ class CategoryData:
     train: list[Sample]
     test: list[Sample]
     validation: list[Sample] = field(default_factory=list)
+    #: annotated anomalous training images (``labelled/<kind>/``): for supervised training only
+    labelled: list[Sample] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- files
@@ -164,9 +170,10 @@ def _check_size(path: Path, w: int, h: int) -> None:
         raise DatasetError(path, f"image has zero size ({w}x{h})")
 
 
-def _find_masks(base: Path, defect: str, stem: str, root: Path) -> tuple[Path, ...]:
-    """Mask files for test image ``stem`` of ``defect``: <stem>_mask.*, <stem>.* or <stem>/*."""
-    gt = base / "ground_truth" / defect
+def _find_masks(base: Path, defect: str, stem: str, root: Path, gt_dir: str = "ground_truth") -> tuple[Path, ...]:
+    """Mask files for test image ``stem`` of ``defect``: <stem>_mask.*, <stem>.* or <stem>/*
+    (under ``<base>/<gt_dir>/<defect>``)."""
+    gt = base / gt_dir / defect
     if not gt.is_dir():
         return ()
     for name in (f"{stem}_mask", stem):
@@ -243,9 +250,18 @@ def scan_category(root: str | Path, category: str, *, check_images: bool = True,
                 expected = base / "ground_truth" / d.name / f"{p.stem}_mask.png"
                 raise DatasetError(p, f"defective test image has no mask (expected {expected})")
             test.append(Sample(p, 1, d.name, masks, str(kinds.get(d.name, "unknown"))))
-    data = CategoryData(root, category, train, test, validation)
+    labelled = []
+    labelled_dir = base / "labelled"
+    for d in sorted(p for p in labelled_dir.iterdir() if p.is_dir()) if labelled_dir.is_dir() else []:
+        for p in _images(d, root):
+            masks = _find_masks(base, d.name, p.stem, root, "labelled_ground_truth")
+            if not masks:
+                expected = base / "labelled_ground_truth" / d.name / f"{p.stem}_mask.png"
+                raise DatasetError(p, f"labelled anomalous training image has no mask (expected {expected})")
+            labelled.append(Sample(p, 1, d.name, masks, str(kinds.get(d.name, "unknown"))))
+    data = CategoryData(root, category, train, test, validation, labelled)
     if check_images:
-        for s in [*data.train, *data.validation, *data.test]:
+        for s in [*data.train, *data.validation, *data.test, *data.labelled]:
             w, h, _ = probe_image(s.path)
             for m in s.mask_paths:
                 mw, mh, _ = probe_image(m)

@@ -55,11 +55,11 @@ drawn from a generator seeded by (seed, stage, step), so a resumed run is identi
 uninterrupted one.
 
 Optional supervision (Sec. 4.2, "Extension to supervised learning"): with ``n_supervised`` = N
-> 0, N annotated anomalous test images are drawn by ``train`` and used in stage 2 next to the
-generated anomalies (their masks supervise the detection module; they take no part in the
-reconstruction losses, which need an anomaly-free target), and listed in
-``meta['exclude_from_eval']`` (carried by the train output into the fitted model) so evaluation
-never sees them.
+> 0, N annotated anomalous *training* images are drawn by ``train`` from the category's
+``labelled/`` split (KolektorSDD2's 246 defective training images, Table 2: N = 0, 16, 53, 126,
+246; never from the test split) and used in stage 2 next to the generated anomalies (their masks
+supervise the detection module; they take no part in the reconstruction losses, which need an
+anomaly-free target). They are listed in ``meta['supervised_images']``.
 """
 
 from __future__ import annotations
@@ -699,7 +699,7 @@ class DSR(AnomalyMethod):
         """Stage 2's resumable checkpoint: for everything stage 2 depends on."""
         cfg = self.config.model_dump(mode="json", exclude=set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS))
         return Checkpoint(ctx.work_dir, f"dsr-stage2-{ctx.category}", cfg, self.meta["stage1_sha256"], ctx.seed,
-                          ctx.image_size, image_files(ctx.data.train), self.meta.get("exclude_from_eval", []),
+                          ctx.image_size, image_files(ctx.data.train), self.meta.get("supervised_images", []),
                           self.net.object_modules())
 
     def train_stage2(self, ctx: FitContext) -> dict:
@@ -834,17 +834,20 @@ class DSR(AnomalyMethod):
         return stats
 
     def _supervised_examples(self, ctx: FitContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """N annotated anomalous test images (Sec. 4.2), recorded for exclusion from evaluation."""
+        """N annotated anomalous training images (Sec. 4.2) from the category's ``labelled/`` split
+        (never the test split), recorded in ``meta['supervised_images']``."""
         n = self.config.n_supervised
         if n == 0:
             return None, None
-        candidates = sorted((s for s in ctx.data.test if s.label == 1 and s.mask_paths), key=lambda s: str(s.path))
+        candidates = sorted((s for s in getattr(ctx.data, "labelled", []) if s.label == 1 and s.mask_paths),
+                            key=lambda s: str(s.path))
         if len(candidates) < n:
             raise ConfigError(f"methods.dsr.n_supervised: {n} requested, {ctx.category} has {len(candidates)} "
-                              "annotated anomalous images")
+                              f"annotated anomalous training images ({ctx.category}/labelled/<kind>/ with masks in "
+                              "labelled_ground_truth/; test images are never used for training)")
         pick = np.random.default_rng([ctx.seed, 4242]).choice(len(candidates), size=n, replace=False)
         chosen = [candidates[i] for i in sorted(pick)]
-        self.meta["exclude_from_eval"] = [str(s.path) for s in chosen]
+        self.meta["supervised_images"] = [str(s.path) for s in chosen]
         images, masks = [], []
         for batch in make_loader(chosen, ctx.image_size, batch_size=16):
             images.append(to_unit_range(batch["image"]))
