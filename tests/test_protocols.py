@@ -170,3 +170,62 @@ def test_ksdd2_prepare_records_the_labelled_split(tmp_path):
     assert not {r["path"] for r in labelled} & {r["path"] for r in rows if r["split"] != "labelled"}
     data = category_data(params, "ksdd2", "ksdd2", layout)
     assert len(data.labelled) == 3 and all(s.path.parent.name == "defect" for s in data.labelled)
+
+
+# --------------------------------------------------------------------------- resize modes: [h, w], resize_crop
+
+
+def _block_image(h: int, w: int, block: tuple[slice, slice]) -> Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(yy * 255 // h), (xx * 255 // w), np.full((h, w), 90)], -1).astype(np.uint8)
+    img[block] = 255
+    return Image.fromarray(img)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(0)
+
+
+def test_resize_crop_is_torchvision_resize_256_then_center_crop_224():
+    """``resize_crop`` at 224 reproduces PatchCore's / PaDiM's Resize(256) + CenterCrop(224), on a
+    non-square image; its mask goes through the same geometry and map_to_original inverts it."""
+    from torchvision import transforms as T
+
+    from defectlab.data.transform import map_to_original, resize_image, resize_mask
+
+    h, w, block = 300, 400, (slice(140, 160), slice(230, 250))
+    im = _block_image(h, w, block)
+    ours = np.asarray(resize_image(im, 224, "resize_crop"), dtype=np.float64)
+    ref = np.asarray(T.CenterCrop(224)(T.Resize(256)(im)), dtype=np.float64)
+    assert ours.shape == ref.shape == (224, 224, 3)
+    assert np.abs(ours - ref).mean() < 2.0                       # 8-bit levels; a wrong geometry is >> 10
+    mask = np.zeros((h, w), bool)
+    mask[block] = True
+    small = resize_mask(mask, 224, "resize_crop")
+    assert np.abs(_centroid(small) - _centroid(ref[..., 2] > 200)).max() < 0.75
+    back = map_to_original(small.astype(np.float32), h, w, "resize_crop")
+    assert np.abs(_centroid(back > 0.5) - _centroid(mask)).max() < 0.75
+    # squash at 224 is what the pipeline did before: a different geometry
+    squashed = np.asarray(resize_image(im, 224, "squash"), dtype=np.float64)
+    assert np.abs(squashed - ref).mean() > 10
+
+
+@pytest.mark.parametrize("mode", ["squash", "shorter_side_crop", "resize_crop", "pad"])
+def test_non_square_size_keeps_the_geometry(mode):
+    """size (h, w): the output is h x w and a marked block lands where the mode's geometry puts it;
+    map_to_original brings the map back onto it."""
+    from defectlab.data.transform import geometry, map_to_original, resize_image, resize_mask
+
+    h, w, size = 126, 46, (64, 24)                       # a KolektorSDD2-like strip at 1/5 scale
+    block = (slice(60, 70), slice(20, 28))
+    mask = np.zeros((h, w), bool)
+    mask[block] = True
+    out = resize_image(_block_image(h, w, block), size, mode)
+    small = resize_mask(mask, size, mode)
+    assert (out.height, out.width) == size and small.shape == size
+    rows, cols = geometry(h, w, size, mode)
+    expect = [rows.out_start + (65 - rows.orig_start) * rows.scale - 0.5,
+              cols.out_start + (24 - cols.orig_start) * cols.scale - 0.5]
+    assert np.abs(_centroid(small) - expect).max() < 1.0
+    back = map_to_original(small.astype(np.float32), h, w, mode)
+    assert back.shape == (h, w) and np.abs(_centroid(back > 0.5) - _centroid(mask)).max() < 1.5
