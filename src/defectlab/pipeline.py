@@ -359,17 +359,18 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
 
     cls, cfg = load_method_config(params, method)
     spec = params.dataset(dataset)
+    inp = input_spec(params, method, dataset)
     out = layout.pretrain(method, dataset)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
-                              out_dir=tmp, image_size=spec.image_size, seed=params.seed,
+                              out_dir=tmp, image_size=inp.image_size, seed=params.seed,
                               device=resolve_device(params.device), progress=progress,
                               images=pretrain_images(dataset, spec.categories, layout),
                               work_dir=layout.root / "work" / method / dataset / "pretrain")
         seed_everything(params.seed)
         # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
-        with resize_mode(spec.resize):
+        with resize_mode(inp.resize):
             stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
         write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
@@ -401,6 +402,35 @@ def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), prog
     return stats
 
 
+#: the methods that take a non-square input (``datasets.<ds>.image_size: [h, w]``): fully
+#: convolutional, maps brought to the input's (h, w). The others assume a square input (square
+#: patch grids, square synthesis and pretext crops) and refuse one.
+NON_SQUARE_METHODS = ("patchcore", "padim", "dsr")
+
+
+def square_input(size, who: str, key: str) -> None:
+    """ConfigError naming ``who`` and ``key`` when ``size`` is a non-square (h, w)."""
+    if not isinstance(size, int):
+        from defectlab.errors import ConfigError
+
+        raise ConfigError(f"{key}: {who} takes square inputs only, got [h, w] = {list(size)} (use an int image_size, "
+                          f"or run it with a resize mode on a square size; non-square: {', '.join(NON_SQUARE_METHODS)})")
+
+
+def input_spec(params: Params, method: str, dataset: str):
+    """The input size and resize mode of ``method`` on ``dataset`` under the active profile
+    (``datasets.<ds>.preprocess.<profile>.<method>``, else the dataset's ``image_size`` / ``resize``);
+    a non-square size for a method outside ``NON_SQUARE_METHODS`` is a ConfigError naming both."""
+    spec = params.dataset(dataset)
+    inp = spec.for_method(method, params.profile)
+    if method not in NON_SQUARE_METHODS:
+        override = method in (spec.preprocess.get(params.profile) or {})
+        key = (f"datasets.{dataset}.preprocess.{params.profile}.{method}.image_size" if override
+               else f"datasets.{dataset}.image_size")
+        square_input(inp.image_size, f"method {method}", key)
+    return inp
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -419,11 +449,12 @@ def fit_context(params: Params, method: str, dataset: str, category: str, layout
     from defectlab.methods.base import FitContext
 
     spec = params.dataset(dataset)
+    inp = input_spec(params, method, dataset)
     pre = layout.pretrain(method, dataset)
     synth = layout.synth(dataset, category)
     trained = layout.trained(method, dataset, category)
     return FitContext(dataset=dataset, category=category, data=category_data(params, dataset, category, layout),
-                      image_size=spec.image_size, seed=params.seed, device=resolve_device(params.device),
+                      image_size=inp.image_size, seed=params.seed, device=resolve_device(params.device),
                       pretrain_dir=pre if pre.exists() else None, synth_dir=synth if synth.exists() else None,
                       progress=progress, work_dir=layout.root / "work" / method / dataset / category,
                       extra={"object_kind": "texture" if category in spec.texture_categories else "object"},
@@ -461,7 +492,8 @@ def train(params: Params, method: str, dataset: str, category: str, layout: Layo
     seed_everything(params.seed)
     model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
-    with atomic_dir(layout.trained(method, dataset, category)) as tmp, resize_mode(params.dataset(dataset).resize):
+    with atomic_dir(layout.trained(method, dataset, category)) as tmp, \
+            resize_mode(input_spec(params, method, dataset).resize):
         stats = model.train(ctx) or {}
         stats["train_seconds"] = time.perf_counter() - t0
         stats["peak_rss_mb_train"] = peak_rss_mb()
@@ -500,7 +532,7 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
     ctx = fit_context(params, method, dataset, category, layout, progress)
     seed_everything(params.seed)
     t0 = time.perf_counter()
-    with resize_mode(params.dataset(dataset).resize):
+    with resize_mode(input_spec(params, method, dataset).resize):
         if extend_from is not None:
             model = cls.load(extend_from, ctx.device)
             stats = model.extend(ctx, new_images, seed=params.seed)
@@ -534,9 +566,9 @@ def model_card(params: Params, model, dataset: str, category: str, data, layout:
     from defectlab.methods.base import make_loader
     from defectlab.tracking import versions
 
-    spec = params.dataset(dataset)
+    inp = input_spec(params, model.name, dataset)
     cal = params.calibration
-    card = {"preprocess": {"image_size": spec.image_size, "resize": spec.resize,
+    card = {"preprocess": {"image_size": inp.image_size, "resize": inp.resize,
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "RGB"},
             "versions": versions()}
     rows = []
@@ -553,7 +585,7 @@ def model_card(params: Params, model, dataset: str, category: str, data, layout:
                                        f"datasets.{dataset}.validation_fraction is 0)"}
         return card
     ev = params.section("evaluation", "eval", EvalParams)
-    out = model.predict_loader(make_loader(data.validation, spec.image_size, ev.batch_size))
+    out = model.predict_loader(make_loader(data.validation, inp.image_size, ev.batch_size))
     card.update(calibrate(out["scores"], out["labels"], out["maps"], rule=cal.rule, target_fpr=cal.target_fpr,
                           pixel_target_fpr=cal.pixel_target_fpr, source="validation"))
     return card
@@ -856,9 +888,10 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     model_dir = layout.model(method, dataset, category)
     if model is None:
         model = get_method(method).load(model_dir, device)
-    with resize_mode(spec.resize):
-        out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
-        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size,
+    inp = input_spec(params, method, dataset)
+    with resize_mode(inp.resize):
+        out, seconds = score_category(model, data, inp.image_size, ev.batch_size, progress)
+        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), inp.image_size,
                                           spro_config_required=spec.source == "mvtec_loco")
     fit_stats = model.meta.get("fit", {})
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
@@ -867,8 +900,8 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
     dest = dest or eval_dest(layout, method, dataset)
-    with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(spec.resize):
-        write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
+    with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(inp.resize):
+        write_overlays(out, tmp, n=ev.n_overlays, image_size=inp.image_size)
         # metrics and curves live in the (DVC-cached) overlay folder: what a later run keeps when
         # nothing changed; every curve file exists (empty when undefined, e.g. one class)
         write_json(tmp / KEPT / "metrics.json", metrics)
