@@ -332,3 +332,28 @@ def test_dsr_takes_a_non_square_input(tmp_path):
     assert tuple(maps.shape) == (2, 96, 64) and scores.shape == (2,)
     with pytest.raises(ConfigError, match="multiple of 32"):
         check_image_size((96, 48))
+
+
+# --------------------------------------------------------------------------- the report's paper column
+
+
+def test_results_table_shows_each_papers_figures_with_their_source():
+    from defectlab.report import results_table
+
+    rows = [{"method": m, "dataset": d, "category": "c", "image_auroc": 0.5, "n_supervised": n}
+            for m, d, n in (("patchcore", "mvtec_ad", 0), ("padim", "mvtec_ad", 0), ("ds2", "ksdd2", 0),
+                            ("msp_svdd", "btad", 0), ("slsg", "mvtec_loco", 0), ("dsr", "ksdd2", 53),
+                            ("apc", "mvtec_ad", 0), ("dsr", "btad", 0))]
+    table, _ = results_table(rows)
+    means = {tuple(cells[0:2]): cells[-1] for line in table.splitlines()
+             if "**mean**" in line for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert means[("patchcore", "mvtec_ad")] == ("image_auroc 0.990, pixel_auroc 0.981, aupro 0.935 "
+                                                "(Roth et al. 2022, Tab. 1-3 (PatchCore-10%))")
+    assert "aupro 0.921" in means[("padim", "mvtec_ad")] and "Defard" in means[("padim", "mvtec_ad")]
+    assert means[("ds2", "ksdd2")] == "pixel_auroc 0.813 (He et al. 2024, Tab. 3)"
+    assert means[("msp_svdd", "btad")] == "image_auroc 0.951, pixel_auroc 0.977 (Tsai et al. 2022, Tab. 4-5)"
+    assert means[("slsg", "mvtec_loco")] == "image_auroc 0.903, spro 0.673 (Yang et al. 2024, Tab. 3)"
+    # DSR with 53 labelled KolektorSDD2 training images: Table 2's N = 53 column, not the unsupervised one
+    assert means[("dsr", "ksdd2")] == "image_ap 0.946, pixel_ap 0.816 (Zavrtanik et al. 2022, Tab. 2 (N = 53))"
+    assert "image_auroc 0.988" in means[("apc", "mvtec_ad")]
+    assert means[("dsr", "btad")] == "—"                  # DSR's paper has no BTAD figure

@@ -898,7 +898,9 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
                     "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
                     "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
-                    "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
+                    "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum()),
+                    # labelled anomalous training images (DSR's n_supervised): which paper figure applies
+                    "n_supervised": len(model.meta.get("supervised_images", []))})
     dest = dest or eval_dest(layout, method, dataset)
     with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(inp.resize):
         write_overlays(out, tmp, n=ev.n_overlays, image_size=inp.image_size)
