@@ -290,6 +290,11 @@ def test_patchcore_padim_take_a_non_square_input(tmp_path, method):
     metrics = evaluate(params, method, "strips", "strips", layout, progress=False, model=model)
     assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.9, metrics
     assert metrics["aupro"] > 0.5, metrics["aupro"]                # at the masks' 128 x 64
+    # deployed: the saved model reads [h, w] from model.json and maps back to the image's size
+    from defectlab.inference import Detector
+    det = Detector(layout.model(method, "strips", "strips"), "cpu")
+    batch = det.predict([str(item["path"])])
+    assert det.image_size == (SH // 2, SW // 2) and batch.maps[0].shape == (SH, SW)
 
 
 def test_square_only_methods_refuse_a_non_square_input(tmp_path):
@@ -357,3 +362,22 @@ def test_results_table_shows_each_papers_figures_with_their_source():
     assert means[("dsr", "ksdd2")] == "image_ap 0.946, pixel_ap 0.816 (Zavrtanik et al. 2022, Tab. 2 (N = 53))"
     assert "image_auroc 0.988" in means[("apc", "mvtec_ad")]
     assert means[("dsr", "btad")] == "—"                  # DSR's paper has no BTAD figure
+
+
+def test_params_yaml_datasets_and_paper_preprocessing():
+    """params.yaml: BTAD at 512, KolektorSDD2 at [640, 224] (not square), and in the paper profile
+    PatchCore / PaDiM at 224 with resize_crop on MVTec AD; smoke keeps the demo's 128 px squash."""
+    from defectlab.config import Params
+    from defectlab.pipeline import input_spec
+
+    path = Path(__file__).parents[1] / "params.yaml"
+    paper, smoke = Params.load(path, profile="paper"), Params.load(path, profile="smoke")
+    for method in ("patchcore", "padim"):
+        assert input_spec(paper, method, "mvtec_ad").model_dump() == {"image_size": 224, "resize": "resize_crop"}
+        assert input_spec(smoke, method, "mvtec_ad").model_dump() == {"image_size": 256, "resize": "squash"}
+        assert input_spec(smoke, method, "demo").model_dump() == {"image_size": 128, "resize": "squash"}
+    assert input_spec(paper, "apc", "mvtec_ad").image_size == 256            # APC's paper gives no preprocessing
+    assert input_spec(paper, "msp_svdd", "btad").image_size == 512
+    assert input_spec(paper, "dsr", "ksdd2").image_size == (640, 224)
+    assert input_spec(paper, "ds2", "ksdd2").image_size == 256
+    assert paper.dataset("ksdd2").source == "ksdd2" and paper.dataset("btad").categories == ["01", "02", "03"]
