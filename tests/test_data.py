@@ -330,9 +330,19 @@ def test_convert_ksdd2(tmp_path):
             _save(src / split / f"{i}{split[:2]}_GT.png", gt)
     assert convert.locate_ksdd2(tmp_path / "raw") == src
     summary = convert.convert_ksdd2(src, tmp_path / "out")
-    assert summary["ksdd2"] == {"excluded/defective_train": 1, "train/good": 2, "test/defect": 1, "test/good": 1}
+    assert summary["ksdd2"] == {"labelled/defect": 1, "train/good": 2, "test/defect": 1, "test/good": 1}
     data = scan_category(tmp_path / "out", "ksdd2")
     assert len(data.train) == 2 and [s.label for s in data.test] == [1, 0]
+    # the defective training image is kept apart, with its mask, in neither train nor test
+    [lab] = data.labelled
+    assert lab.path.name == "0tr.png" and lab.label == 1 and lab.defect_type == "defect"
+    assert lab.path not in {s.path for s in [*data.train, *data.test]}
+    mask = np.asarray(Image.open(lab.mask_paths[0]))
+    assert set(np.unique(mask)) == {0, 255} and (mask > 0).sum() == (_mask() > 0).sum()
+    # a labelled image without its mask is an error naming it
+    lab.mask_paths[0].unlink()
+    with pytest.raises(DatasetError, match=r"0tr.png: labelled anomalous training image has no mask"):
+        scan_category(tmp_path / "out", "ksdd2")
 
 
 def test_convert_mtd_split_is_deterministic(tmp_path):

@@ -331,15 +331,34 @@ def test_train_requires_a_matching_stage1(demo64, stage1_dir, tmp_path):
         DSR(DSRConfig(**TINY), CPU).train(ctx)
 
 
-def test_save_load_round_trip_and_supervised_exclusion(demo64, stage1_dir, tmp_path):
-    model, _ = train_and_fit(DSR, DSRConfig(**{**TINY, "n_supervised": 2}), fit_ctx(demo64, stage1_dir),
+def _with_labelled(root: Path, out: Path, n: int) -> Path:
+    """A copy of ``root`` whose first ``n`` anomalous grain test images (and masks) are moved to the
+    labelled training split (``labelled/<kind>/``, ``labelled_ground_truth/<kind>/``)."""
+    import shutil
+
+    shutil.copytree(root, out)
+    for s in [s for s in scan_category(out, "grain").test if s.label == 1][:n]:
+        dst = out / "grain" / "labelled" / s.defect_type
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.move(s.path, dst / s.path.name)
+        gt = out / "grain" / "labelled_ground_truth" / s.defect_type
+        gt.mkdir(parents=True, exist_ok=True)
+        for m in s.mask_paths:
+            shutil.move(m, gt / m.name)
+    return out
+
+
+def test_save_load_round_trip_and_supervised_examples(demo64, stage1_dir, tmp_path):
+    root = _with_labelled(demo64, tmp_path / "demo", 2)
+    model, _ = train_and_fit(DSR, DSRConfig(**{**TINY, "n_supervised": 2}), fit_ctx(root, stage1_dir),
                              tmp_path / "train")
-    excluded = model.meta["exclude_from_eval"]                            # chosen by train, carried into fit
-    data = scan_category(demo64, "grain")
-    assert len(excluded) == 2 and all(p in {str(s.path) for s in data.test if s.label == 1} for p in excluded)
+    chosen = model.meta["supervised_images"]                              # drawn by train, carried into fit
+    data = scan_category(root, "grain")
+    assert sorted(chosen) == sorted(str(s.path) for s in data.labelled)  # the labelled split, never test
+    assert not set(chosen) & {str(s.path) for s in data.test} and "exclude_from_eval" not in model.meta
     model.save(tmp_path / "m")
     loaded = DSR.load(tmp_path / "m")
-    assert loaded.meta["exclude_from_eval"] == excluded
+    assert loaded.meta["supervised_images"] == chosen
     batch = next(iter(make_loader(data.test, 64, batch_size=6)))["image"]
     s1, m1 = model.predict(batch)
     s2, m2 = loaded.predict(batch)

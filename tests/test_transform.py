@@ -108,9 +108,9 @@ def test_map_to_original_inverts_the_geometry(mode):
         assert back.min() >= f.min() - 0.05
 
 
-def test_map_to_original_rejects_non_square():
-    with pytest.raises(ValueError, match="square"):
-        map_to_original(np.zeros((4, 5)), 8, 8)
+def test_map_to_original_rejects_a_map_that_is_not_2d():
+    with pytest.raises(ValueError, match="2-D"):
+        map_to_original(np.zeros((2, 4, 5)), 8, 8)
 
 
 def test_mode_travels_through_the_context(tmp_path):
@@ -129,7 +129,7 @@ def test_mode_travels_through_the_context(tmp_path):
     assert item["orig_size"] == (H, W) and item["has_mask"] is True
     assert np.allclose(item["image"].permute(1, 2, 0).numpy(), padded)
     assert (item["mask"][0].numpy() > 0).sum() == resize_mask(_marked()[..., 0] > 0, SIZE, "pad").sum()
-    with pytest.raises(ConfigError, match="squash, shorter_side_crop, pad"):
+    with pytest.raises(ConfigError, match="squash, shorter_side_crop, resize_crop, pad"):
         with resize_mode("crop"):
             pass
 

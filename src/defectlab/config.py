@@ -35,6 +35,32 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ImageSize = int | tuple[int, int]
+RESIZE = Literal["squash", "shorter_side_crop", "resize_crop", "pad"]
+RESIZE_HELP = ("squash: plain resize; shorter_side_crop: scaled to cover image_size, centre crop; resize_crop: "
+               "PatchCore/PaDiM's Resize(256) + CenterCrop(224) (shorter side to image_size x 256/224, centre crop); "
+               "pad: scaled to fit, padded with the ImageNet mean colour")
+
+
+def _check_image_size(size):
+    """An int (square) or [h, w]; each side 16..2048."""
+    sides = (size,) if isinstance(size, int) else size
+    if any(not 16 <= v <= 2048 for v in sides):
+        raise ValueError(f"each side must be between 16 and 2048 (got {size})")
+    if not isinstance(size, int) and size[0] == size[1]:
+        return size[0]                    # [n, n] is the square n
+    return size
+
+
+class Preprocess(StrictModel):
+    """One method's input size and resizing on one dataset (``datasets.<ds>.preprocess``)."""
+
+    image_size: ImageSize
+    resize: RESIZE = "squash"
+
+    _sides = field_validator("image_size")(classmethod(lambda cls, v: _check_image_size(v)))
+
+
 class DatasetParams(StrictModel):
     """``datasets.<name>`` in params.yaml: where a dataset comes from and how its images are read.
 
@@ -54,10 +80,11 @@ class DatasetParams(StrictModel):
                                          "MVTec-format tree itself (source: folder)")
     categories: list[str]
     texture_categories: list[str] = Field(default_factory=list, description="no foreground: whole image is texture")
-    image_size: int = Field(128, ge=16, le=2048)
-    resize: Literal["squash", "shorter_side_crop", "pad"] = Field(
-        "squash", description="squash: plain resize; shorter_side_crop: shorter side to image_size, centre "
-                              "crop; pad: longer side to image_size, padded with the ImageNet mean colour")
+    image_size: ImageSize = Field(128, description="model input: an int (square) or [h, w]")
+    resize: RESIZE = Field("squash", description=RESIZE_HELP)
+    preprocess: dict[str, dict[str, Preprocess]] = Field(
+        default_factory=dict, description="per profile, per method: {image_size, resize} overriding the two "
+                                          "above (the papers' own preprocessing in the paper profile)")
     validation_fraction: float = Field(0.15, ge=0, lt=1, description="share of train/good held out for "
                                                                      "validation when validation/good is absent")
     min_validation: int = Field(4, ge=0, description="at least this many held out (fraction > 0)")
@@ -66,6 +93,21 @@ class DatasetParams(StrictModel):
     generator: dict[str, Any] = Field(default_factory=dict)
     download: bool = False
     insecure_skip_checksum: bool = Field(False, description="accept an archive that has no published checksum")
+
+    _sides = field_validator("image_size")(classmethod(lambda cls, v: _check_image_size(v)))
+
+    @field_validator("preprocess")
+    @classmethod
+    def _known_profiles(cls, value):
+        unknown = sorted(set(value) - set(PROFILES))
+        if unknown:
+            raise ValueError(f"keys are profiles ({', '.join(PROFILES)}); got {unknown}")
+        return value
+
+    def for_method(self, method: str, profile: str) -> Preprocess:
+        """The input size and resize mode ``method`` uses on this dataset under ``profile``."""
+        return (self.preprocess.get(profile) or {}).get(method) or Preprocess(image_size=self.image_size,
+                                                                             resize=self.resize)
 
     @field_validator("root")
     @classmethod

@@ -105,7 +105,9 @@ class Detector:
         if "image_size" not in pre:
             raise ResourceMissingError(f"{info_path}: no 'preprocess' block (a model fitted before model.json "
                                        f"format 2); refit it with `dvc repro` to deploy it")
-        self.image_size: int = int(pre["image_size"])
+        size = pre["image_size"]                            # an int (square) or [h, w]
+        self.image_size: int | tuple[int, int] = int(size) if isinstance(size, (int, float)) else \
+            (int(size[0]), int(size[1]))
         self.resize: str = pre.get("resize", "squash")
         self.mean = torch.tensor(pre.get("mean"), dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(pre.get("std"), dtype=torch.float32)[:, None, None]
@@ -120,7 +122,7 @@ class Detector:
 
     # -- preprocessing ----------------------------------------------------------------------
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """RGB uint8 HxWx3 at any size -> the normalised (3, S, S) tensor the model was fitted on."""
+        """RGB uint8 HxWx3 at any size -> the normalised (3, h, w) tensor the model was fitted on."""
         from defectlab.data.transform import resize_image
 
         im = resize_image(Image.fromarray(rgb), self.image_size, self.resize)

@@ -14,6 +14,11 @@ Region level:
   saturation area s_d: the overlap counts min(1, |d ∩ {map ≥ t}| / s_d); integrated up to
   ``max_fpr`` (0.05) and normalised likewise.
 
+Both are defined at the ground truth's resolution: the evaluation (``pipeline.region_metrics_at_gt``)
+brings each map back to its mask's size (bilinear, ``data.transform.map_to_original``) and feeds
+``OverlapCurve`` image by image, which keeps only the ``max_fpr`` share of highest-scoring
+defect-free pixels; ``pro_curve`` / ``spro_curve`` take maps and masks of one common size.
+
 A metric that cannot be computed is ``None`` with the reason in ``warnings`` (never NaN): one
 class only, or, for every pixel-level metric, an anomalous image without a ground-truth mask
 (``masks: optional`` folders; ``has_mask``).
@@ -146,6 +151,98 @@ def spro_curve(masks_by_defect, maps) -> tuple[np.ndarray, np.ndarray]:
 def spro(masks_by_defect, maps, max_fpr: float = 0.05) -> float:
     fpr, pro = spro_curve(masks_by_defect, maps)
     return _integrate(fpr, pro, max_fpr)
+
+
+class OverlapCurve:
+    """PRO or sPRO accumulated image by image, for maps at each ground truth's own resolution
+    (images of different sizes; the official MVTec AD / LOCO evaluations score maps at the
+    resolution of the ground-truth masks, not masks shrunk to the model's input).
+
+    ``add(map, defects)`` takes one image's map and its defects as (bool mask, saturation area in
+    pixels) pairs (``regions(mask)`` gives PRO's connected components, each saturating at its own
+    area); a good image has no defects. Memory stays bounded: the curve only needs the
+    ``max_fpr`` share of highest-scoring defect-free pixels, so at most about
+    ``max_fpr · n_pixels`` of them are kept (``n_pixels``: an upper bound on the number of pixels
+    that will be added, e.g. the sum of the images' areas). Ties at the cut are all kept, so the
+    area equals ``spro`` / ``aupro`` on the same pixels exactly."""
+
+    def __init__(self, max_fpr: float, n_pixels: int):
+        self.max_fpr = float(max_fpr)
+        self.cap = int(np.ceil(self.max_fpr * n_pixels)) + 1
+        self.n_pixels = int(n_pixels)
+        self._neg: list[np.ndarray] = []
+        self._n_buf = 0
+        self._floor = -np.inf
+        self.n_neg = 0
+        self.n_units = 0
+        self.n_added = 0
+        self._pos: list[np.ndarray] = []
+        self._w: list[np.ndarray] = []
+
+    def add(self, amap, defects) -> None:
+        amap = np.asarray(amap, dtype=np.float32)
+        anomalous = np.zeros(amap.shape, dtype=bool)
+        for mask, saturation in defects:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != amap.shape:
+                raise ValueError(f"defect mask {mask.shape} and map {amap.shape} differ in size")
+            if not mask.any():
+                continue
+            anomalous |= mask
+            s = np.sort(amap[mask])[::-1]
+            sat = float(min(max(saturation, 1e-9), mask.sum()))
+            k = int(np.ceil(sat))
+            w = np.full(k, 1.0 / sat)
+            w[-1] = (sat - (k - 1)) / sat
+            self._pos.append(s[:k])
+            self._w.append(w)
+            self.n_units += 1
+        self.n_added += amap.size
+        if self.n_added > self.n_pixels:
+            raise ValueError(f"OverlapCurve: {self.n_added} pixels added, more than the n_pixels={self.n_pixels} "
+                             "it was sized for")
+        neg = amap[~anomalous]
+        self.n_neg += neg.size
+        neg = neg[neg >= self._floor]
+        self._neg.append(neg)
+        self._n_buf += neg.size
+        if self._n_buf > 2 * self.cap:
+            self._compact()
+
+    def _compact(self) -> None:
+        buf = np.concatenate(self._neg)
+        if buf.size > self.cap:
+            kth = np.partition(buf, buf.size - self.cap)[buf.size - self.cap]
+            buf = buf[buf >= kth]                  # the cap's largest, every tie of the smallest kept
+            self._floor = kth
+        self._neg, self._n_buf = [buf], buf.size
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, pro) from (0, 0), one point per distinct score, up to just beyond ``max_fpr``."""
+        if self.n_units == 0 or self.n_neg == 0:
+            raise ValueError("PRO / sPRO need at least one defect and one defect-free pixel")
+        neg = np.concatenate(self._neg) if self._neg else np.zeros(0, np.float32)
+        pos = np.concatenate(self._pos)
+        scores = np.r_[neg, pos].astype(np.float64)
+        w_fpr = np.r_[np.full(neg.size, 1.0 / self.n_neg), np.zeros(pos.size)]
+        w_pro = np.r_[np.zeros(neg.size), np.concatenate(self._w) / self.n_units]
+        fpr, pro = _cumulative_curve(scores, w_fpr, w_pro)
+        return fpr, pro
+
+    def area(self) -> float:
+        """Normalised area under the curve up to ``max_fpr`` (as ``spro`` / ``aupro``)."""
+        fpr, pro = self.curve()
+        return _integrate(fpr, pro, self.max_fpr)
+
+
+def regions(mask) -> list[tuple[np.ndarray, float]]:
+    """PRO's units: the 8-connected components of ``mask``, each with its area as saturation."""
+    labelled, n = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT)
+    out = []
+    for i in range(1, n + 1):
+        comp = labelled == i
+        out.append((comp, float(comp.sum())))
+    return out
 
 
 def missing_masks(labels, has_mask) -> int:

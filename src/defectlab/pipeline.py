@@ -123,12 +123,13 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
     every file of every listed category passed ``scan_category`` + ``verify_samples`` (each
     image decoded once); a bad file leaves the previous version as it was.
 
-    Writes ``manifest.csv`` (every file: category, split = train | validation | test, path,
+    Writes ``manifest.csv`` (every file: category, split = train | validation | test | labelled, path,
     label, defect_type, kind, masks, sha256) and the same rows per category in
     ``<cat>/manifest.csv``: the per-category stages depend on ``data/prepared/<ds>/<cat>`` only,
     and a change in one category's files leaves every other category's folder byte-identical.
     ``validation`` rows are ``validation/good`` or the images ``data.split`` holds out of
-    ``train/good``. Returns per category: ``train`` (files in train/good), ``validation``,
+    ``train/good``; ``labelled`` rows are annotated anomalous training images (``labelled/<kind>/``,
+    e.g. KolektorSDD2's, for DSR's ``n_supervised``). Returns per category: ``train`` (files in train/good), ``validation``,
     ``test`` and ``link_mode`` (hardlink | copy | hardlink+copy | generated).
     """
     from defectlab.data import scan_category, verify_samples
@@ -166,14 +167,14 @@ def prepare(params: Params, dataset: str, layout: Layout = Layout()) -> dict:
         rows, summary = [], {}
         for cat in spec.categories:
             data = scan_category(tmp, cat, masks_optional=masks_optional)
-            samples = [*data.train, *data.validation, *data.test]
+            samples = [*data.train, *data.validation, *data.test, *data.labelled]
             verify_samples([s for s in samples if not {s.path, *s.mask_paths} <= verified])   # fail here, not later
             split = hold_out_validation(data, spec.validation_fraction, spec.min_validation, params.seed)
             cat_rows = _manifest_rows(tmp, cat, split)
             _write_manifest(tmp / cat / "manifest.csv", cat_rows)
             rows += cat_rows
             summary[cat] = {"train": len(data.train), "validation": len(split.validation), "test": len(data.test),
-                            "link_mode": modes[cat]}
+                            "link_mode": modes[cat], **({"labelled": len(data.labelled)} if data.labelled else {})}
         _write_manifest(tmp / "manifest.csv", rows)
         _write_manifest(tmp / PRETRAIN_MANIFEST, [r for r in rows if r["split"] == "train"])
     return summary
@@ -186,7 +187,8 @@ def _manifest_rows(root: Path, category: str, split) -> list[dict]:
     return [{"category": category, "split": name, "path": s.path.relative_to(root).as_posix(),
              "label": s.label, "defect_type": s.defect_type, "kind": s.kind,
              "masks": ";".join(m.relative_to(root).as_posix() for m in s.mask_paths), "sha256": sha256_file(s.path)}
-            for name, part in (("train", split.train), ("test", split.test), ("validation", split.validation))
+            for name, part in (("train", split.train), ("test", split.test), ("validation", split.validation),
+                               ("labelled", split.labelled))
             for s in part]
 
 
@@ -357,17 +359,18 @@ def pretrain(params: Params, method: str, dataset: str, layout: Layout = Layout(
 
     cls, cfg = load_method_config(params, method)
     spec = params.dataset(dataset)
+    inp = input_spec(params, method, dataset)
     out = layout.pretrain(method, dataset)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         ctx = PretrainContext(dataset=dataset, data_root=layout.prepared(dataset), categories=spec.categories,
-                              out_dir=tmp, image_size=spec.image_size, seed=params.seed,
+                              out_dir=tmp, image_size=inp.image_size, seed=params.seed,
                               device=resolve_device(params.device), progress=progress,
                               images=pretrain_images(dataset, spec.categories, layout),
                               work_dir=layout.root / "work" / method / dataset / "pretrain")
         seed_everything(params.seed)
         # the shared backbone's own training runs in the `backbone` stage; here it is only frozen
-        with resize_mode(spec.resize):
+        with resize_mode(inp.resize):
             stats = (cls.freeze_backbone(cfg, ctx) if cls.shared_backbone else cls.pretrain(cfg, ctx)) or {}
         stats["pretrain_seconds"] = time.perf_counter() - t0
         write_json(tmp / "pretrain.json", {"method": method, "dataset": dataset, "stats": stats})
@@ -399,6 +402,35 @@ def train_backbone(params: Params, dataset: str, layout: Layout = Layout(), prog
     return stats
 
 
+#: the methods that take a non-square input (``datasets.<ds>.image_size: [h, w]``): fully
+#: convolutional, maps brought to the input's (h, w). The others assume a square input (square
+#: patch grids, square synthesis and pretext crops) and refuse one.
+NON_SQUARE_METHODS = ("patchcore", "padim", "dsr")
+
+
+def square_input(size, who: str, key: str) -> None:
+    """ConfigError naming ``who`` and ``key`` when ``size`` is a non-square (h, w)."""
+    if not isinstance(size, int):
+        from defectlab.errors import ConfigError
+
+        raise ConfigError(f"{key}: {who} takes square inputs only, got [h, w] = {list(size)} (use an int image_size, "
+                          f"or run it with a resize mode on a square size; non-square: {', '.join(NON_SQUARE_METHODS)})")
+
+
+def input_spec(params: Params, method: str, dataset: str):
+    """The input size and resize mode of ``method`` on ``dataset`` under the active profile
+    (``datasets.<ds>.preprocess.<profile>.<method>``, else the dataset's ``image_size`` / ``resize``);
+    a non-square size for a method outside ``NON_SQUARE_METHODS`` is a ConfigError naming both."""
+    spec = params.dataset(dataset)
+    inp = spec.for_method(method, params.profile)
+    if method not in NON_SQUARE_METHODS:
+        override = method in (spec.preprocess.get(params.profile) or {})
+        key = (f"datasets.{dataset}.preprocess.{params.profile}.{method}.image_size" if override
+               else f"datasets.{dataset}.image_size")
+        square_input(inp.image_size, f"method {method}", key)
+    return inp
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -417,11 +449,12 @@ def fit_context(params: Params, method: str, dataset: str, category: str, layout
     from defectlab.methods.base import FitContext
 
     spec = params.dataset(dataset)
+    inp = input_spec(params, method, dataset)
     pre = layout.pretrain(method, dataset)
     synth = layout.synth(dataset, category)
     trained = layout.trained(method, dataset, category)
     return FitContext(dataset=dataset, category=category, data=category_data(params, dataset, category, layout),
-                      image_size=spec.image_size, seed=params.seed, device=resolve_device(params.device),
+                      image_size=inp.image_size, seed=params.seed, device=resolve_device(params.device),
                       pretrain_dir=pre if pre.exists() else None, synth_dir=synth if synth.exists() else None,
                       progress=progress, work_dir=layout.root / "work" / method / dataset / category,
                       extra={"object_kind": "texture" if category in spec.texture_categories else "object"},
@@ -459,7 +492,8 @@ def train(params: Params, method: str, dataset: str, category: str, layout: Layo
     seed_everything(params.seed)
     model = cls(cfg, ctx.device)
     t0 = time.perf_counter()
-    with atomic_dir(layout.trained(method, dataset, category)) as tmp, resize_mode(params.dataset(dataset).resize):
+    with atomic_dir(layout.trained(method, dataset, category)) as tmp, \
+            resize_mode(input_spec(params, method, dataset).resize):
         stats = model.train(ctx) or {}
         stats["train_seconds"] = time.perf_counter() - t0
         stats["peak_rss_mb_train"] = peak_rss_mb()
@@ -498,7 +532,7 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
     ctx = fit_context(params, method, dataset, category, layout, progress)
     seed_everything(params.seed)
     t0 = time.perf_counter()
-    with resize_mode(params.dataset(dataset).resize):
+    with resize_mode(input_spec(params, method, dataset).resize):
         if extend_from is not None:
             model = cls.load(extend_from, ctx.device)
             stats = model.extend(ctx, new_images, seed=params.seed)
@@ -532,9 +566,9 @@ def model_card(params: Params, model, dataset: str, category: str, data, layout:
     from defectlab.methods.base import make_loader
     from defectlab.tracking import versions
 
-    spec = params.dataset(dataset)
+    inp = input_spec(params, model.name, dataset)
     cal = params.calibration
-    card = {"preprocess": {"image_size": spec.image_size, "resize": spec.resize,
+    card = {"preprocess": {"image_size": inp.image_size, "resize": inp.resize,
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "RGB"},
             "versions": versions()}
     rows = []
@@ -551,7 +585,7 @@ def model_card(params: Params, model, dataset: str, category: str, data, layout:
                                        f"datasets.{dataset}.validation_fraction is 0)"}
         return card
     ev = params.section("evaluation", "eval", EvalParams)
-    out = model.predict_loader(make_loader(data.validation, spec.image_size, ev.batch_size))
+    out = model.predict_loader(make_loader(data.validation, inp.image_size, ev.batch_size))
     card.update(calibrate(out["scores"], out["labels"], out["maps"], rule=cal.rule, target_fpr=cal.target_fpr,
                           pixel_target_fpr=cal.pixel_target_fpr, source="validation"))
     return card
@@ -702,31 +736,79 @@ def score_category(model, data, image_size: int, batch_size: int, progress: bool
     return out, time.perf_counter() - t0
 
 
-def defects_for_spro(samples, size: int, config_required: bool = False) -> list[list[tuple[np.ndarray, float]]]:
-    """Per test image, its annotated defects as (mask at ``size``, saturation area in pixels):
-    MVTec LOCO's per-defect masks with the saturation thresholds of its defects_config.json;
-    elsewhere each defect's saturation area is its own area (sPRO then reduces to a per-defect PRO).
+def defects_for_spro(samples, size: int | None = None, config_required: bool = False
+                     ) -> list[list[tuple[np.ndarray, float]]]:
+    """Per test image, its annotated defects as (mask, saturation area in pixels), at the ground
+    truth's own resolution (``size`` None) or resized to ``size``: MVTec LOCO's per-defect masks
+    with the saturation thresholds of its defects_config.json; elsewhere each defect's saturation
+    area is its own area (sPRO then reduces to a per-defect PRO).
     ``config_required`` (an MVTec LOCO dataset): a category without defects_config.json is an
     error, not a silent per-defect PRO reported as sPRO."""
+    return [_defects_of(s, {}, size, config_required) for s in samples]
+
+
+def _defects_of(sample, configs: dict, size: int | None, config_required: bool) -> list[tuple[np.ndarray, float]]:
     from defectlab.data import load_defect_masks, load_defects_config
     from defectlab.errors import DatasetError
 
-    configs: dict[Path, dict] = {}
-    out = []
+    if not sample.mask_paths:
+        return []
+    cat_dir = sample.path.parent.parent.parent          # <cat>/test/<defect>/<image>
+    if cat_dir not in configs:
+        configs[cat_dir] = load_defects_config(cat_dir)
+        if config_required and not configs[cat_dir]:
+            raise DatasetError(cat_dir / "defects_config.json",
+                               "missing: MVTec LOCO's sPRO needs the saturation thresholds it lists (it "
+                               "comes with the dataset archive: `defectlab download mvtec_loco --raw-dir "
+                               "DIR --out DIR` restores it)")
+    return load_defect_masks(sample, configs[cat_dir], size)
+
+
+def region_metrics_at_gt(out: dict, samples, subsets: dict[str, np.ndarray], ev: EvalParams,
+                         spro_names, config_required: bool = False) -> tuple[dict, dict]:
+    """AUPRO and sPRO as the official MVTec AD / LOCO evaluations compute them: each anomaly map
+    is brought back to its ground truth's resolution (``transform.map_to_original``: bilinear,
+    through the dataset's resize mode) and the regions / defects are taken from the full-size
+    masks, so a defect a few pixels wide counts even where shrinking the mask to the model's
+    input would erase it. ``subsets``: name -> boolean selection of the scored images (the overall
+    metric under name ""). Returns ({"aupro[_name]": v, "spro[_name]": v}, {"pro": curve points});
+    spro only for "" and ``spro_names``. One pass over the images; the maps are not all held."""
+    from defectlab.data import load_mask, probe_image
+    from defectlab.data.transform import current_mode, map_to_original
+    from defectlab.metrics import OverlapCurve, _thin, regions
+
+    mode = current_mode()
+    maps = out["maps"]
+    sizes = []
     for s in samples:
-        if s.mask_paths:
-            cat_dir = s.path.parent.parent.parent          # <cat>/test/<defect>/<image>
-            if cat_dir not in configs:
-                configs[cat_dir] = load_defects_config(cat_dir)
-                if config_required and not configs[cat_dir]:
-                    raise DatasetError(cat_dir / "defects_config.json",
-                                       "missing: MVTec LOCO's sPRO needs the saturation thresholds it lists (it "
-                                       "comes with the dataset archive: `defectlab download mvtec_loco --raw-dir "
-                                       "DIR --out DIR` restores it)")
-            out.append(load_defect_masks(s, configs[cat_dir], size))
-        else:
-            out.append([])
-    return out
+        w, h, _ = probe_image(s.path)
+        sizes.append((h, w))
+    areas = np.array([h * w for h, w in sizes], dtype=np.int64)
+    pro_acc = {n: OverlapCurve(ev.max_fpr_pro, int(areas[sel].sum())) for n, sel in subsets.items()}
+    spro_acc = {n: OverlapCurve(ev.max_fpr_spro, int(areas[sel].sum())) for n, sel in subsets.items()
+                if n == "" or n in spro_names}
+    configs: dict = {}
+    for i, s in enumerate(samples):
+        h, w = sizes[i]
+        full = map_to_original(maps[i], h, w, mode)
+        comps = regions(load_mask(s.mask_paths)) if s.mask_paths else []
+        defects = _defects_of(s, configs, None, config_required)
+        for name, sel in subsets.items():
+            if not sel[i]:
+                continue
+            pro_acc[name].add(full, comps)
+            if name in spro_acc:
+                spro_acc[name].add(full, defects)
+    values = {}
+    for name, acc in pro_acc.items():
+        values["aupro" + (f"_{name}" if name else "")] = acc.area()
+    for name, acc in spro_acc.items():
+        values["spro" + (f"_{name}" if name else "")] = acc.area()
+    if "" not in pro_acc:
+        return values, {}
+    fpr, pro = pro_acc[""].curve()
+    keep = fpr <= ev.max_fpr_pro
+    return values, {"pro": _thin([{"fpr": float(a), "pro": float(b)} for a, b in zip(fpr[keep], pro[keep])])}
 
 
 def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None,
@@ -736,11 +818,15 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
     ``_logical``; a type defects.json does not list has kind ``unknown``, which gets no keys of
     its own), each on the good images plus that subset's anomalies.
 
+    With ``samples`` (the scored images, in order) AUPRO and sPRO are computed at each ground
+    truth's resolution (``region_metrics_at_gt``); without, AUPRO is computed on the masks at the
+    maps' size and there is no sPRO. ``size`` is not used (kept for callers).
+
     Pixel metrics need the ground truth of every anomalous image: with ``masks: optional`` an
     anomalous image without a mask (``out["has_mask"]``, else its Sample in ``samples``) makes
     the pixel metrics (pixel_*, aupro, spro) of every subset holding it ``None``, with the reason
     in ``warnings``; the image metrics are computed as usual."""
-    from defectlab.metrics import compute_all, curves, spro
+    from defectlab.metrics import compute_all, curves
 
     labels, scores, masks, maps = out["labels"], out["scores"], out["masks"], out["maps"]
     has_mask = _mask_available(out, samples)
@@ -749,23 +835,26 @@ def metrics_for(out: dict, ev: EvalParams, samples=None, size: int | None = None
     types = np.asarray(out.get("defect_types", out["kinds"]))
     subsets = {t: (types == "good") | (types == t) for t in sorted(set(types) - {"good"})}
     subsets.update({k: (kinds == "good") | (kinds == k) for k in sorted(set(kinds) - {"good", "unknown"})})
-    defects: list = []
-
-    def spro_of(idx) -> float:                 # per-defect masks read once, when first needed
-        if not defects:
-            defects.extend(defects_for_spro(samples, size or maps.shape[-1], spro_config_required))
-        return spro([defects[i] for i in idx], maps[idx], max_fpr=ev.max_fpr_spro)
-
-    if samples is not None:
-        metrics["spro"] = spro_of(np.arange(len(labels))) if metrics.get("pixel_auroc") is not None else None
+    region_sets = {"": np.ones(len(labels), dtype=bool)} if metrics.get("pixel_auroc") is not None else {}
     for name, sel in subsets.items():
         sub = compute_all(labels[sel], scores[sel], masks[sel], maps[sel], max_fpr_pro=ev.max_fpr_pro,
                           has_mask=None if has_mask is None else has_mask[sel])
         for key in ("image_auroc", "pixel_auroc", "aupro"):
             metrics[f"{key}_{name}"] = sub.get(key)
+        if sub.get("pixel_auroc") is not None:
+            region_sets[name] = sel
         if samples is not None and name in kinds:
-            metrics[f"spro_{name}"] = spro_of(np.flatnonzero(sel)) if sub.get("pixel_auroc") is not None else None
-    return metrics, curves(labels, scores, masks, maps, has_mask=has_mask)
+            metrics[f"spro_{name}"] = None
+    curve_data = curves(labels, scores, masks, maps, has_mask=has_mask)
+    if samples is not None:
+        metrics["spro"] = None
+        if region_sets:
+            values, gt_curves = region_metrics_at_gt(out, samples, region_sets, ev, set(kinds.tolist()) - {"good"},
+                                                     spro_config_required)
+            metrics.update(values)
+            if "pro" in curve_data:
+                curve_data.update(gt_curves)
+    return metrics, curve_data
 
 
 def _mask_available(out: dict, samples) -> np.ndarray | None:
@@ -799,19 +888,22 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
     model_dir = layout.model(method, dataset, category)
     if model is None:
         model = get_method(method).load(model_dir, device)
-    with resize_mode(spec.resize):
-        out, seconds = score_category(model, data, spec.image_size, ev.batch_size, progress)
-        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), spec.image_size,
+    inp = input_spec(params, method, dataset)
+    with resize_mode(inp.resize):
+        out, seconds = score_category(model, data, inp.image_size, ev.batch_size, progress)
+        metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), inp.image_size,
                                           spro_config_required=spec.source == "mvtec_loco")
     fit_stats = model.meta.get("fit", {})
     metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
                     "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
                     "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
-                    "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum())})
+                    "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum()),
+                    # labelled anomalous training images (DSR's n_supervised): which paper figure applies
+                    "n_supervised": len(model.meta.get("supervised_images", []))})
     dest = dest or eval_dest(layout, method, dataset)
-    with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(spec.resize):
-        write_overlays(out, tmp, n=ev.n_overlays, image_size=spec.image_size)
+    with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(inp.resize):
+        write_overlays(out, tmp, n=ev.n_overlays, image_size=inp.image_size)
         # metrics and curves live in the (DVC-cached) overlay folder: what a later run keeps when
         # nothing changed; every curve file exists (empty when undefined, e.g. one class)
         write_json(tmp / KEPT / "metrics.json", metrics)

@@ -23,8 +23,11 @@ converter does:
   train/good, test/good, test/ko, ground_truth/ko/<stem>_mask.png.
 * ``ksdd2``: ``train|test/<id>.png`` with ``<id>_GT.png``; an image is defective when its
   GT has a nonzero pixel. One category ``ksdd2``: train/good = the defect-free training
-  images (the unsupervised protocol: the 246 defective training images are left out),
-  test/good and test/defect from the test split.
+  images, test/good and test/defect from the test split; the defective training images (246
+  in the published split) go to ``labelled/defect/`` with their masks in
+  ``labelled_ground_truth/defect/<id>_mask.png``: no method sees them unless it asks for
+  labelled anomalies (DSR's ``n_supervised``, the supervised protocol of DSR's Table 2), and
+  they are never scored.
 * ``mtd`` (Magnetic Tile Defects): ``MT_<Type>/Imgs/<id>.jpg`` with mask ``<id>.png``. One
   category ``magnetic_tile``: defect-free ``MT_Free`` images are split deterministically by
   a hash of the file name (``train_fraction``, default 0.8, of them to train/good, the rest
@@ -228,7 +231,9 @@ def convert_ksdd2(src: Path, out: Path, categories: list[str] | None = None, lin
             defective = bool((_mask_array(gt) > 0).any())
             if split == "train":
                 if defective:
-                    counts["excluded/defective_train"] += 1
+                    place(p, dst / "labelled" / "defect" / p.name, link)
+                    write_binary_mask(gt, dst / "labelled_ground_truth" / "defect" / f"{p.stem}_mask.png")
+                    counts["labelled/defect"] += 1
                     continue
                 place(p, dst / "train" / "good" / p.name, link)
                 counts["train/good"] += 1

@@ -8,6 +8,10 @@ Layout (one folder per category)::
     <root>/<category>/ground_truth/<kind>/<stem>_mask.png   one mask per defective image, or
     <root>/<category>/ground_truth/<kind>/<stem>.png        (same, BTAD-style name), or
     <root>/<category>/ground_truth/<kind>/<stem>/*.png      a folder of per-defect masks (LOCO)
+    <root>/<category>/labelled/<kind>/*.png       optional annotated anomalous *training* images (the
+                                                  supervised protocols, e.g. KolektorSDD2's 246), never
+                                                  scored; their masks in
+    <root>/<category>/labelled_ground_truth/<kind>/<stem>_mask.png   (every one needs its mask)
     <root>/<category>/defects.json                optional {defect type: structural|logical}
     <root>/<category>/defects_config.json         optional LOCO sPRO config (see load_defect_masks)
 
@@ -69,7 +73,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from defectlab.data.transform import IMAGENET_MEAN, IMAGENET_STD, area_scale, current_mode, resize_image, resize_mask
+from defectlab.data.transform import IMAGENET_MEAN, IMAGENET_STD, area_scale, current_mode, hw, resize_image, resize_mask
 from defectlab.errors import DatasetError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -93,6 +97,8 @@ class CategoryData:
     train: list[Sample]
     test: list[Sample]
     validation: list[Sample] = field(default_factory=list)
+    #: annotated anomalous training images (``labelled/<kind>/``): for supervised training only
+    labelled: list[Sample] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- files
@@ -164,9 +170,10 @@ def _check_size(path: Path, w: int, h: int) -> None:
         raise DatasetError(path, f"image has zero size ({w}x{h})")
 
 
-def _find_masks(base: Path, defect: str, stem: str, root: Path) -> tuple[Path, ...]:
-    """Mask files for test image ``stem`` of ``defect``: <stem>_mask.*, <stem>.* or <stem>/*."""
-    gt = base / "ground_truth" / defect
+def _find_masks(base: Path, defect: str, stem: str, root: Path, gt_dir: str = "ground_truth") -> tuple[Path, ...]:
+    """Mask files for test image ``stem`` of ``defect``: <stem>_mask.*, <stem>.* or <stem>/*
+    (under ``<base>/<gt_dir>/<defect>``)."""
+    gt = base / gt_dir / defect
     if not gt.is_dir():
         return ()
     for name in (f"{stem}_mask", stem):
@@ -243,9 +250,18 @@ def scan_category(root: str | Path, category: str, *, check_images: bool = True,
                 expected = base / "ground_truth" / d.name / f"{p.stem}_mask.png"
                 raise DatasetError(p, f"defective test image has no mask (expected {expected})")
             test.append(Sample(p, 1, d.name, masks, str(kinds.get(d.name, "unknown"))))
-    data = CategoryData(root, category, train, test, validation)
+    labelled = []
+    labelled_dir = base / "labelled"
+    for d in sorted(p for p in labelled_dir.iterdir() if p.is_dir()) if labelled_dir.is_dir() else []:
+        for p in _images(d, root):
+            masks = _find_masks(base, d.name, p.stem, root, "labelled_ground_truth")
+            if not masks:
+                expected = base / "labelled_ground_truth" / d.name / f"{p.stem}_mask.png"
+                raise DatasetError(p, f"labelled anomalous training image has no mask (expected {expected})")
+            labelled.append(Sample(p, 1, d.name, masks, str(kinds.get(d.name, "unknown"))))
+    data = CategoryData(root, category, train, test, validation, labelled)
     if check_images:
-        for s in [*data.train, *data.validation, *data.test]:
+        for s in [*data.train, *data.validation, *data.test, *data.labelled]:
             w, h, _ = probe_image(s.path)
             for m in s.mask_paths:
                 mw, mh, _ = probe_image(m)
@@ -301,8 +317,8 @@ def _load_rgb(path: Path) -> Image.Image:
     return _to_rgb_uint8(_decode(path))
 
 
-def load_image(path: str | Path, size: int | None = None, resize: str | None = None) -> np.ndarray:
-    """RGB float32 HxWx3 in [0, 1]; with ``size``, size x size by ``transform.resize_image`` with
+def load_image(path: str | Path, size: int | tuple[int, int] | None = None, resize: str | None = None) -> np.ndarray:
+    """RGB float32 HxWx3 in [0, 1]; with ``size`` (int: square, or (h, w)), at that size by ``transform.resize_image`` with
     mode ``resize`` (default: the enclosing ``transform.resize_mode`` block's, else squash)."""
     im = _load_rgb(Path(path))
     if size:
@@ -321,8 +337,8 @@ def _mask_array(path: Path) -> np.ndarray:
     return arr
 
 
-def load_mask(paths, size: int | None = None, resize: str | None = None) -> np.ndarray:
-    """Union of the mask files (nonzero = defect) as bool HxW; with ``size``, size x size (nearest,
+def load_mask(paths, size: int | tuple[int, int] | None = None, resize: str | None = None) -> np.ndarray:
+    """Union of the mask files (nonzero = defect) as bool HxW; with ``size``, at that size (nearest,
     the geometry of ``load_image`` with the same ``resize`` mode)."""
     out, first = None, None
     for p in paths:
@@ -373,7 +389,7 @@ def load_defects_config(category_dir: str | Path) -> dict[int, DefectConfig]:
 
 
 def load_defect_masks(
-    sample: Sample, config: dict[int, DefectConfig] | None = None, size: int | None = None,
+    sample: Sample, config: dict[int, DefectConfig] | None = None, size: int | tuple[int, int] | None = None,
     resize: str | None = None,
 ) -> list[tuple[np.ndarray, float]]:
     """Per-defect masks of ``sample`` with their sPRO saturation areas (pixels), as
@@ -414,13 +430,14 @@ def load_defect_masks(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples as model inputs: ``image`` 3 x size x size (ImageNet-normalised), ``mask``
-    1 x size x size (zeros when the sample has none; ``has_mask`` says which), ``orig_size`` (h, w)
+    """Samples as model inputs: ``image`` 3 x h x w (ImageNet-normalised; ``size``: int for a
+    square input, or (h, w)), ``mask`` 1 x h x w (zeros when the sample has none; ``has_mask`` says which), ``orig_size`` (h, w)
     of the file. ``resize``: the mode (default: the ``transform.resize_mode`` in force when the
     dataset is built, so worker processes of a DataLoader use it too)."""
 
-    def __init__(self, samples, size: int, normalize: bool = True, resize: str | None = None):
+    def __init__(self, samples, size: int | tuple[int, int], normalize: bool = True, resize: str | None = None):
         self.samples, self.size, self.normalize = list(samples), size, normalize
+        self.hw = hw(size)
         self.resize = current_mode(resize)
 
     def __len__(self):
@@ -435,6 +452,6 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.normalize:
             img = (img - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         mask = torch.from_numpy(load_mask(s.mask_paths, self.size, self.resize).astype(np.float32))[None] \
-            if s.mask_paths else torch.zeros(1, self.size, self.size)
+            if s.mask_paths else torch.zeros(1, *self.hw)
         return {"image": img, "mask": mask, "label": s.label, "path": str(s.path), "kind": s.kind,
                 "defect_type": s.defect_type, "orig_size": orig_size, "has_mask": bool(s.mask_paths)}

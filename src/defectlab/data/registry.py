@@ -113,7 +113,7 @@ REGISTRY: dict[str, DatasetSpec] = {
                  size=853126555,
                  source="third-party dataset notes (community-measured; the publisher gives none)"),),
         ("ksdd2",),
-        "Unsupervised protocol: defective training images are left out.",
+        "Defective training images kept apart in labelled/ (DSR's supervised protocol); never scored.",
     ),
     "mtd": DatasetSpec(
         "mtd", "Magnetic Tile Defects (Huang et al., The Visual Computer 2020)",

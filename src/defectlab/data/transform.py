@@ -1,16 +1,22 @@
-"""How an image of any shape becomes the square ``size`` x ``size`` input of a model, and how a
-map at that size goes back onto the original image.
+"""How an image of any shape becomes the ``size`` input of a model, and how a map at that size
+goes back onto the original image.
 
-Three modes (``datasets.<name>.resize``):
+``size`` is an int (a square ``size`` x ``size`` input) or ``(h, w)`` (``datasets.<name>.image_size:
+[h, w]``, e.g. KolektorSDD2's tall strips). Four modes (``datasets.<name>.resize``):
 
-* ``squash``: plain bilinear resize to size x size (the aspect ratio is not kept; what
+* ``squash``: plain bilinear resize to h x w (the aspect ratio is not kept; what
   ``load_image`` always did, bit-identical).
-* ``shorter_side_crop``: the shorter side becomes ``size``, the longer one is centre-cropped to
-  ``size`` (implemented as one bilinear resize of the centred square of side min(h, w), so the
-  geometry is exact, with no intermediate rounding). What lies outside the crop is not seen.
-* ``pad``: the longer side becomes ``size`` (the shorter one ``round(short * size / long)``),
-  centred on a ``size`` x ``size`` canvas filled with the ImageNet mean colour, i.e. ~0 after
-  normalisation, so the padding looks like "no signal" to the network.
+* ``shorter_side_crop``: scaled so that the image covers h x w (for a square target: the shorter
+  side becomes ``size``), the rest centre-cropped (implemented as one bilinear resize of the
+  centred window, so the geometry is exact, with no intermediate rounding). What lies outside the
+  crop is not seen.
+* ``resize_crop``: PatchCore's and PaDiM's preprocessing (torchvision ``Resize(256)`` then
+  ``CenterCrop(224)``): the shorter side becomes ``size`` x 256/224, then the centred ``size``
+  window is kept (one bilinear resize of the centred window of side min(h, w) x 224/256 of the
+  original; masks likewise, nearest). With ``image_size: 224`` exactly the papers' 256 -> 224.
+* ``pad``: scaled so that the image fits in h x w (the other side ``round(n * scale)``), centred
+  on an h x w canvas filled with the ImageNet mean colour, i.e. ~0 after normalisation, so the
+  padding looks like "no signal" to the network.
 
 Every mode is an axis-aligned scale + offset, described per axis by :class:`Axis` (an interval
 of the original maps onto an interval of the model's square). ``resize_image`` / ``resize_mask``
@@ -35,7 +41,9 @@ from PIL import Image
 
 from defectlab.errors import ConfigError
 
-RESIZE_MODES = ("squash", "shorter_side_crop", "pad")
+RESIZE_MODES = ("squash", "shorter_side_crop", "resize_crop", "pad")
+#: ``resize_crop``: the crop keeps this share of the resized shorter side (224 / 256)
+CROP_FRACTION = 224 / 256
 #: the normalisation every model input gets (ImageDataset)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,48 +93,64 @@ class Axis:
         return self.out_len / self.orig_len
 
 
-def geometry(h: int, w: int, size: int, mode: str) -> tuple[Axis, Axis]:
-    """(rows, columns) mapping of an h x w image onto the size x size square for ``mode``."""
+def hw(size) -> tuple[int, int]:
+    """``size`` (int: square, or (h, w)) as (h, w)."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def geometry(h: int, w: int, size, mode: str) -> tuple[Axis, Axis]:
+    """(rows, columns) mapping of an h x w image onto the ``size`` input (int: square, or
+    (out_h, out_w)) for ``mode``."""
     mode = check_mode(mode)
+    oh, ow = hw(size)
     if mode == "squash":
-        return Axis(0.0, h, 0, size), Axis(0.0, w, 0, size)
-    if mode == "shorter_side_crop":
-        side = min(h, w)
-        return Axis((h - side) / 2, side, 0, size), Axis((w - side) / 2, side, 0, size)
-    long_ = max(h, w)
-    nh, nw = (max(1, round(n * size / long_)) for n in (h, w))
-    return Axis(0.0, h, (size - nh) // 2, nh), Axis(0.0, w, (size - nw) // 2, nw)
+        return Axis(0.0, h, 0, oh), Axis(0.0, w, 0, ow)
+    if mode in ("shorter_side_crop", "resize_crop"):
+        scale = max(oh / h, ow / w)                      # covers the target
+        if mode == "resize_crop":
+            scale /= CROP_FRACTION
+        ch, cw = oh / scale, ow / scale                  # the window of the original that is kept
+        return Axis((h - ch) / 2, ch, 0, oh), Axis((w - cw) / 2, cw, 0, ow)
+    if h * ow >= w * oh:                                 # fits in the target: height-limited
+        nh, nw = oh, max(1, round(w * oh / h))
+    else:
+        nh, nw = max(1, round(h * ow / w)), ow
+    return Axis(0.0, h, (oh - nh) // 2, nh), Axis(0.0, w, (ow - nw) // 2, nw)
 
 
 def _box(rows: Axis, cols: Axis) -> tuple[float, float, float, float]:
     return (cols.orig_start, rows.orig_start, cols.orig_start + cols.orig_len, rows.orig_start + rows.orig_len)
 
 
-def _forward(im: Image.Image, size: int, mode: str, resample, fill) -> Image.Image:
+def _forward(im: Image.Image, size, mode: str, resample, fill) -> Image.Image:
     rows, cols = geometry(im.height, im.width, size, mode)
+    oh, ow = hw(size)
     if mode == "squash":
-        return im.resize((size, size), resample)
-    if mode == "shorter_side_crop":
-        return im.resize((size, size), resample, box=_box(rows, cols))
-    canvas = Image.new(im.mode, (size, size), fill)
+        return im.resize((ow, oh), resample)
+    if mode in ("shorter_side_crop", "resize_crop"):
+        return im.resize((ow, oh), resample, box=_box(rows, cols))
+    canvas = Image.new(im.mode, (ow, oh), fill)
     canvas.paste(im.resize((cols.out_len, rows.out_len), resample), (cols.out_start, rows.out_start))
     return canvas
 
 
-def resize_image(im: Image.Image, size: int, mode: str = "squash") -> Image.Image:
-    """``im`` as size x size (bilinear) with ``mode``; ``pad`` fills with the ImageNet mean colour
+def resize_image(im: Image.Image, size, mode: str = "squash") -> Image.Image:
+    """``im`` at ``size`` (int: size x size, or (h, w); bilinear) with ``mode``; ``pad`` fills with the ImageNet mean colour
     (RGB images) or 0 (other modes)."""
     return _forward(im, size, mode, Image.BILINEAR, PAD_RGB if im.mode == "RGB" else 0)
 
 
-def resize_mask(mask: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
-    """Bool mask HxW as size x size bool (nearest), with the geometry of ``resize_image``; the
+def resize_mask(mask: np.ndarray, size, mode: str = "squash") -> np.ndarray:
+    """Bool mask HxW at ``size`` (bool, nearest), with the geometry of ``resize_image``; the
     padding of ``pad`` is defect-free."""
     im = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
     return np.asarray(_forward(im, size, mode, Image.NEAREST, 0)) > 0
 
 
-def area_scale(h: int, w: int, size: int, mode: str) -> float:
+def area_scale(h: int, w: int, size, mode: str) -> float:
     """Model pixels per original pixel (area): what a defect's area is multiplied by."""
     rows, cols = geometry(h, w, size, mode)
     return rows.scale * cols.scale
@@ -144,13 +168,13 @@ def _sample_axis(axis: Axis, n_orig: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def map_to_original(m: np.ndarray, orig_h: int, orig_w: int, mode: str = "squash") -> np.ndarray:
-    """A size x size map (model input geometry) as orig_h x orig_w float32 (bilinear, the inverse
-    of ``resize_image``'s geometry). ``shorter_side_crop``: pixels outside the crop get the map's
-    minimum; ``pad``: the padding is cut off before the resize."""
+    """A map at the model input's size (square or not) as orig_h x orig_w float32 (bilinear, the
+    inverse of ``resize_image``'s geometry). ``shorter_side_crop`` / ``resize_crop``: pixels
+    outside the crop get the map's minimum; ``pad``: the padding is cut off before the resize."""
     m = np.asarray(m, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"map_to_original expects a square 2-D map (got shape {m.shape})")
-    rows, cols = geometry(orig_h, orig_w, m.shape[0], mode)
+    if m.ndim != 2:
+        raise ValueError(f"map_to_original expects a 2-D map (got shape {m.shape})")
+    rows, cols = geometry(orig_h, orig_w, m.shape, mode)
     r0, r1, rw, r_in = _sample_axis(rows, orig_h)
     c0, c1, cw, c_in = _sample_axis(cols, orig_w)
     by_row = m[r0] * (1 - rw)[:, None] + m[r1] * rw[:, None]                  # orig_h x size

@@ -413,13 +413,15 @@ def make_batch_views(images: torch.Tensor, gen: torch.Generator, cfg: DS2Config)
     return views, geos
 
 
-def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device: torch.device,
+def train_ds2(cfg: DS2Config, paths: list, *, image_size: int | tuple[int, int], seed: int, device: torch.device,
               work_dir: Path | None = None, progress: bool = False, desc: str = "ds2",
               curve: str = "loss/ds2") -> tuple[DS2Net, dict]:
     """Pretrain a DS2Net on the images at ``paths``; returns the network and training statistics.
     With ``work_dir`` and ``cfg.checkpoint_every``, resumable from a checkpoint of the same inputs.
     Each step's loss goes to ``steplog`` as curve ``curve``."""
     from tqdm.auto import tqdm
+
+    from defectlab.data.transform import hw
 
     size = cfg.load_size or image_size
     images = _load_images(paths, size)                     # uint8 on CPU
@@ -459,7 +461,7 @@ def train_ds2(cfg: DS2Config, paths: list, *, image_size: int, seed: int, device
         (v1, v2), (g1, g2) = make_batch_views(batch, gen, cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, warmup, base_lr)
-        loss, stats = net(v1, v2, g1, g2, (size, size))
+        loss, stats = net(v1, v2, g1, g2, hw(size))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -55,11 +55,11 @@ drawn from a generator seeded by (seed, stage, step), so a resumed run is identi
 uninterrupted one.
 
 Optional supervision (Sec. 4.2, "Extension to supervised learning"): with ``n_supervised`` = N
-> 0, N annotated anomalous test images are drawn by ``train`` and used in stage 2 next to the
-generated anomalies (their masks supervise the detection module; they take no part in the
-reconstruction losses, which need an anomaly-free target), and listed in
-``meta['exclude_from_eval']`` (carried by the train output into the fitted model) so evaluation
-never sees them.
+> 0, N annotated anomalous *training* images are drawn by ``train`` from the category's
+``labelled/`` split (KolektorSDD2's 246 defective training images, Table 2: N = 0, 16, 53, 126,
+246; never from the test split) and used in stage 2 next to the generated anomalies (their masks
+supervise the detection module; they take no part in the reconstruction losses, which need an
+anomaly-free target). They are listed in ``meta['supervised_images']``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from defectlab.config import StrictModel
 from defectlab.data import load_image
 from defectlab.data.mvtec import IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD
+from defectlab.data.transform import hw
 from defectlab.errors import ConfigError, ResourceMissingError
 from defectlab.io import sha256_file, write_json
 from defectlab.losses import focal_loss
@@ -550,15 +551,16 @@ def general_image_set(cfg: DSRConfig, ctx: PretrainContext) -> tuple[GeneralImag
                                        "point it at an image folder (e.g. ImageNet train) or set it to null")
         return GeneralImages(files, [], ctx.image_size), f"general_images folder {root} ({len(files)} images)"
     files = [p for cat in ctx.categories for p in ctx.train_images(cat)]
-    arrays = [procedural_texture((ctx.image_size, ctx.image_size), np.random.default_rng([ctx.seed, i]))
+    arrays = [procedural_texture(hw(ctx.image_size), np.random.default_rng([ctx.seed, i]))
               for i in range(cfg.n_procedural_textures)]
     desc = (f"default general set: {len(files)} normal train images of {ctx.dataset} "
             f"({', '.join(ctx.categories)}) + {len(arrays)} procedural textures")
     return GeneralImages(files, arrays, ctx.image_size), desc
 
 
-def check_image_size(size: int) -> None:
-    if size % 32 or size < 64:
+def check_image_size(size: int | tuple[int, int]) -> None:
+    """Each side (an int: square, or [h, w]) a multiple of 32, at least 64."""
+    if any(side % 32 or side < 64 for side in hw(size)):
         raise ConfigError(f"image_size: DSR needs a multiple of 32, at least 64 (the subspace restriction module "
                           f"pools the 1/8 code map twice and instance-normalises it); got {size}")
 
@@ -666,7 +668,7 @@ class DSR(AnomalyMethod):
     def _check_trained(self, ctx: FitContext) -> None:
         """The train output must match this category's image size and the current stage 1."""
         check_image_size(ctx.image_size)
-        if self.meta.get("image_size") != ctx.image_size:
+        if self.meta.get("image_size") is None or hw(self.meta["image_size"]) != hw(ctx.image_size):
             raise ConfigError(f"{ctx.train_dir}: stage 2 was trained at {self.meta.get('image_size')} px, "
                               f"the fit runs at {ctx.image_size} px; rerun the train stage")
         vq_file = Path(ctx.pretrain_dir) / "vq.safetensors" if ctx.pretrain_dir is not None else None
@@ -699,7 +701,7 @@ class DSR(AnomalyMethod):
         """Stage 2's resumable checkpoint: for everything stage 2 depends on."""
         cfg = self.config.model_dump(mode="json", exclude=set(STAGE3_KEYS) | set(NOT_TRAINING_KEYS))
         return Checkpoint(ctx.work_dir, f"dsr-stage2-{ctx.category}", cfg, self.meta["stage1_sha256"], ctx.seed,
-                          ctx.image_size, image_files(ctx.data.train), self.meta.get("exclude_from_eval", []),
+                          ctx.image_size, image_files(ctx.data.train), self.meta.get("supervised_images", []),
                           self.net.object_modules())
 
     def train_stage2(self, ctx: FitContext) -> dict:
@@ -719,7 +721,7 @@ class DSR(AnomalyMethod):
                 rng, gen = step_rng(ctx.seed, STAGE2, step)
                 idx = torch.from_numpy(rng.integers(len(images), size=cfg.stage2_batch))
                 batch_images = images[idx.to(images.device)]
-                masks = perlin_masks(rng, cfg.stage2_batch, images.shape[-1], cfg.anomaly_prob).to(self.device)
+                masks = perlin_masks(rng, cfg.stage2_batch, tuple(images.shape[-2:]), cfg.anomaly_prob).to(self.device)
                 real = torch.from_numpy(rng.random(cfg.stage2_batch) < cfg.supervised_prob).to(self.device)
                 real &= n_real > 0
                 if real.any():
@@ -834,17 +836,20 @@ class DSR(AnomalyMethod):
         return stats
 
     def _supervised_examples(self, ctx: FitContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """N annotated anomalous test images (Sec. 4.2), recorded for exclusion from evaluation."""
+        """N annotated anomalous training images (Sec. 4.2) from the category's ``labelled/`` split
+        (never the test split), recorded in ``meta['supervised_images']``."""
         n = self.config.n_supervised
         if n == 0:
             return None, None
-        candidates = sorted((s for s in ctx.data.test if s.label == 1 and s.mask_paths), key=lambda s: str(s.path))
+        candidates = sorted((s for s in getattr(ctx.data, "labelled", []) if s.label == 1 and s.mask_paths),
+                            key=lambda s: str(s.path))
         if len(candidates) < n:
             raise ConfigError(f"methods.dsr.n_supervised: {n} requested, {ctx.category} has {len(candidates)} "
-                              "annotated anomalous images")
+                              f"annotated anomalous training images ({ctx.category}/labelled/<kind>/ with masks in "
+                              "labelled_ground_truth/; test images are never used for training)")
         pick = np.random.default_rng([ctx.seed, 4242]).choice(len(candidates), size=n, replace=False)
         chosen = [candidates[i] for i in sorted(pick)]
-        self.meta["exclude_from_eval"] = [str(s.path) for s in chosen]
+        self.meta["supervised_images"] = [str(s.path) for s in chosen]
         images, masks = [], []
         for batch in make_loader(chosen, ctx.image_size, batch_size=16):
             images.append(to_unit_range(batch["image"]))
@@ -883,10 +888,11 @@ def load_train_images(ctx: FitContext) -> torch.Tensor:
     return torch.cat(chunks).to(ctx.device)
 
 
-def perlin_masks(rng: np.random.Generator, n: int, size: int, anomaly_prob: float) -> torch.Tensor:
-    """(n, 1, size, size) Perlin anomaly masks (DRAEM-style, shared synthesis code); each slot is
-    left anomaly-free with probability 1 - ``anomaly_prob``."""
-    masks = [perlin_mask((size, size), rng) if rng.random() < anomaly_prob else np.zeros((size, size), bool)
+def perlin_masks(rng: np.random.Generator, n: int, size: int | tuple[int, int], anomaly_prob: float) -> torch.Tensor:
+    """(n, 1, h, w) Perlin anomaly masks (DRAEM-style, shared synthesis code; ``size``: int for a
+    square, or (h, w)); each slot is left anomaly-free with probability 1 - ``anomaly_prob``."""
+    shape = hw(size)
+    masks = [perlin_mask(shape, rng) if rng.random() < anomaly_prob else np.zeros(shape, bool)
              for _ in range(n)]
     return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
 
