@@ -93,7 +93,7 @@ class Resource:
     stages: tuple[str, ...] = ()    # stages that read it besides the methods' own
 
     def describe(self) -> str:
-        return f"{self.what} — needed by {self.why}; {self.where}; get it: {self.how}"
+        return f"{self.key}: {self.what} — needed by {self.why}; {self.where}; get it: {self.how}"
 
     def record(self) -> str:
         return f"{self.key}: {self.substitute}"
