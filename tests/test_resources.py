@@ -56,6 +56,32 @@ def test_imagenet_file_names_and_hub_dir_are_torchvisions(empty_torch_home):
     assert resources.torch_hub_dir() == Path(torch.hub.get_dir())
 
 
+def test_field_defaults_are_the_method_configs():
+    """The stages check the raw params sections (no method import): a field they leave out has the
+    Config's default."""
+    from defectlab.methods import REGISTRY, get_method
+
+    for method in REGISTRY:
+        fields = get_method(method).Config.model_fields
+        for name in resources.FIELD_DEFAULTS:
+            if name in fields:
+                assert fields[name].default == resources.config_default(method, name), (method, name)
+
+
+def test_raw_sections_and_validated_configs_give_the_same_check(empty_torch_home):
+    params = project_params(profile="paper", allow_substitutes=True)
+    raw = {m: params.profiled("methods", m) for m in params.run.methods}
+    for m in raw:
+        raw[m].pop("weights", None)          # left out: the Config default (random) applies
+    validated = {m: dict(params.profiled("methods", m)) for m in params.run.methods}
+    for m in validated:
+        validated[m].pop("weights", None)
+    from defectlab.methods import get_method
+
+    validated = {m: get_method(m).Config.model_validate(v) for m, v in validated.items()}
+    assert [r for r in resources.needed(params, raw)] == [r for r in resources.needed(params, validated)]
+
+
 def test_paper_profile_names_every_missing_resource_in_one_error(empty_torch_home):
     params = project_params(profile="paper")
     with pytest.raises(ResourceMissingError) as err:

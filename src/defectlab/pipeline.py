@@ -527,7 +527,7 @@ def substitutions(params: Params, method: str, cfg, ctx, recorded=None) -> list[
     reading it) and those the method recorded while training (``recorded``)."""
     from defectlab import resources
 
-    found = resources.check(params, {method: cfg}, methods=[method], datasets=[ctx.dataset])
+    found = resources.check(params, {method: cfg}, methods=[method], datasets=[])   # a dataset has no substitute
     cache = resources.synthesis_records(ctx.synth_dir) if method in resources.READS_SYNTHESIS else []
     return resources.merge(found.records(method=method), cache, recorded)
 

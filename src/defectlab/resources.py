@@ -66,6 +66,24 @@ FIXED_ARCH = {"msp_svdd": "vgg16"}
 READS_SYNTHESIS = ("slsg",)
 
 
+#: the defaults of the method config fields read here, for a params section that leaves them out
+#: (the stages pass the raw ``methods.<m>`` sections: no method module, no torch import; tests check
+#: these against the methods' Config classes)
+FIELD_DEFAULTS = {"weights": "random", "backbone": "resnet18", "general_images": None}
+METHOD_FIELD_DEFAULTS = {"ds2": {"weights": "ds2"}}
+
+
+def config_default(method: str, name: str):
+    return METHOD_FIELD_DEFAULTS.get(method, {}).get(name, FIELD_DEFAULTS[name])
+
+
+def _field(cfg: Any, method: str, name: str):
+    """``name`` of a method config: a validated Config (attribute) or its raw params section (key)."""
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, config_default(method, name))
+    return getattr(cfg, name, config_default(method, name))
+
+
 def torch_hub_dir() -> Path:
     """``torch.hub.get_dir()`` without importing torch: $TORCH_HOME/hub, else
     $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub."""
@@ -120,8 +138,8 @@ def _has_images(folder: Path) -> bool:
 
 
 def _weights_resources(method: str, cfg: Any, profile: str) -> list[Resource]:
-    weights = str(getattr(cfg, "weights", "random"))
-    arch = FIXED_ARCH.get(method) or getattr(cfg, "backbone", None)
+    weights = str(_field(cfg, method, "weights"))
+    arch = FIXED_ARCH.get(method) or _field(cfg, method, "backbone")
     key = f"{method}.weights"
     out = []
     paper_init, paper_words = PAPER_INIT.get(method, (None, ""))
@@ -159,7 +177,7 @@ def _weights_resources(method: str, cfg: Any, profile: str) -> list[Resource]:
 def needed(params: Params, configs: Mapping[str, Any], methods=None, datasets=None) -> list[Resource]:
     """Every external resource of the run ``params`` describes (``run.datasets`` x ``run.methods``, or
     the ``methods`` / ``datasets`` given); ``configs``: each of those methods -> its validated config
-    (``pipeline.load_method_config``)."""
+    (``pipeline.load_method_config``) or its raw ``methods.<m>`` section (``params.profiled``)."""
     from defectlab.config import SynthesisParams
     from defectlab.synthesis.textures import DTD_URL
 
@@ -194,7 +212,7 @@ def needed(params: Params, configs: Mapping[str, Any], methods=None, datasets=No
         cfg = configs[method]
         out += _weights_resources(method, cfg, params.profile)
         if method == "dsr":
-            gi = getattr(cfg, "general_images", None)
+            gi = _field(cfg, method, "general_images")
             why = "DSR stage 1 (Zavrtanik et al., ECCV 2022, Sec. 3.7 / 4.1: the general appearance decoder trains on ImageNet)"
             where = f"set methods.dsr.{params.profile}.general_images: /path/to/imagenet/train"
             if gi is None:

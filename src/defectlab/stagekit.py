@@ -195,7 +195,7 @@ def check_resources(params: Params, stage: str, *, dataset: str, method: str | N
     records (the foreground heuristic falling back to the whole image)."""
     from defectlab import pipeline, resources
 
-    configs = {m: pipeline.load_method_config(params, m)[1] for m in params.run.methods}
+    configs = {m: params.profiled("methods", m) for m in params.run.methods}   # raw: no torch import here
     found = resources.check(params, configs)
     records = found.records(method=method, stage=stage) if (method or stage == "synthesize") else []
     if stage == "synthesize" or method in resources.READS_SYNTHESIS:
