@@ -198,7 +198,7 @@ def check_resources(params: Params, stage: str, *, dataset: str, method: str | N
     configs = {m: params.profiled("methods", m) for m in params.run.methods}   # raw: no torch import here
     found = resources.check(params, configs)
     records = found.records(method=method, stage=stage) if (method or stage == "synthesize") else []
-    if stage == "synthesize" or method in resources.READS_SYNTHESIS:
+    if method in resources.READS_SYNTHESIS:     # the caches the synthesize stage wrote before this stage
         layout = pipeline.Layout()
         for ds in (params.run.datasets if dataset in ("all", "") else [dataset]):
             for cat in ([category] if category else params.run.categories):
