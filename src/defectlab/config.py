@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import model_validator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (model_validator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
+                      field_validator)
 
 from defectlab.errors import ConfigError
 
@@ -158,6 +159,12 @@ class RunParams(StrictModel):
         return self
 
 
+class TopLevelParams(StrictModel):
+    allow_substitutes: StrictBool = Field(False, description="paper profile: run with the documented substitute of "
+                                                              "a missing external resource (recorded) instead of "
+                                                              "stopping")
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Recursively merge ``override`` into a copy of ``base`` (dicts merge, everything else replaces)."""
     out = copy.deepcopy(base)
@@ -204,6 +211,10 @@ class Params:
         if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
             raise ConfigError(f"{where}: device: must be auto, cpu, cuda or cuda:N (got {device!r})")
         self.device: str = device
+        #: the paper profile refuses every substitute (a missing external resource is an error) unless
+        #: this is true; then each substitution is recorded in the results (defectlab.resources)
+        self.allow_substitutes: bool = validate(TopLevelParams, {"allow_substitutes": raw.get("allow_substitutes", False)},
+                                                "").allow_substitutes
         self.run = validate(RunParams, raw.get("run", {}), "run")
         self.tracking: dict = raw.get("tracking", {}) or {}
         self.calibration = validate(CalibrationParams, raw.get("calibration", {}) or {}, "calibration")

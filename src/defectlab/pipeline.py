@@ -543,6 +543,7 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
         stats["fit_seconds"] = time.perf_counter() - t0
         stats["peak_rss_mb_fit"] = peak_rss_mb()
         model.meta["fit"] = stats
+        model.meta["substitutions"] = substitutions(params, method, cfg, ctx, model.meta.get("substitutions"))
         model.card = model_card(params, model, dataset, category, ctx.data, layout)
         model.card["data"]["fit_inputs_sha256"] = inputs_sha256 or fit_inputs_sha256(params, method, dataset,
                                                                                         category, layout)
@@ -552,6 +553,17 @@ def fit(params: Params, method: str, dataset: str, category: str, layout: Layout
     model.save(out_dir)
     _write_train_images(out_dir, ctx.data)
     return model, stats
+
+
+def substitutions(params: Params, method: str, cfg, ctx, recorded=None) -> list[str]:
+    """What stood in for a missing external resource in this category's model (``defectlab.resources``):
+    the method's documented substitutes under ``params``, the synthesis cache's records (methods
+    reading it) and those the method recorded while training (``recorded``)."""
+    from defectlab import resources
+
+    found = resources.check(params, {method: cfg}, methods=[method], datasets=[])   # a dataset has no substitute
+    cache = resources.synthesis_records(ctx.synth_dir) if method in resources.READS_SYNTHESIS else []
+    return resources.merge(found.records(method=method), cache, recorded)
 
 
 def model_card(params: Params, model, dataset: str, category: str, data, layout: Layout = Layout()) -> dict:
@@ -900,7 +912,9 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
                     "n_test": int(len(out["scores"])), "n_test_anomalous": int(out["labels"].sum()),
                     # labelled anomalous training images (DSR's n_supervised): which paper figure applies
-                    "n_supervised": len(model.meta.get("supervised_images", []))})
+                    "n_supervised": len(model.meta.get("supervised_images", [])),
+                    # what stood in for a missing external resource (recorded by fit; defectlab.resources)
+                    "substitutions": list(model.meta.get("substitutions", []))})
     dest = dest or eval_dest(layout, method, dataset)
     with atomic_dir(Path(dest["maps"]) / category) as tmp, resize_mode(inp.resize):
         write_overlays(out, tmp, n=ev.n_overlays, image_size=inp.image_size)

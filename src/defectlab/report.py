@@ -223,9 +223,12 @@ def _fmt(v) -> str:
 def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table (one row per method × category, plus per-method means) and CSV rows."""
     cols = [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)] + COST_COLUMNS
+    subst = any(r.get("substitutions") for r in rows)
     csv_rows = []
     for r in rows:
         csv_rows.append({k: r.get(k) for k in ("method", "dataset", "category", *cols)})
+        if subst:     # what stood in for a missing external resource (defectlab.resources)
+            csv_rows[-1]["substituted"] = substituted_keys(r)
     means = []
     for (method, dataset) in sorted({(r["method"], r["dataset"]) for r in rows}):
         sel = [r for r in rows if r["method"] == method and r["dataset"] == dataset]
@@ -236,11 +239,33 @@ def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
         n_supervised = max((int(r.get("n_supervised") or 0) for r in sel), default=0)
         mean["paper"] = format_paper(paper_figures(method, dataset, n_supervised))
         means.append(mean)
-    header = ["method", "dataset", "category", *cols, "paper"]
+    header = ["method", "dataset", "category", *cols, "paper", *(["substituted"] if subst else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(csv_rows, key=lambda r: (r["dataset"], r["method"], r["category"])) + means:
         lines.append("| " + " | ".join(_fmt(r.get(h)) if h != "paper" else r.get("paper", "") for h in header) + " |")
     return "\n".join(lines), csv_rows
+
+
+def substituted_keys(row: dict) -> str:
+    """The keys of a metrics row's substitutions (``dsr.general_images, synthesis.dtd_dir``); "" for none."""
+    return ", ".join(dict.fromkeys(s.split(":", 1)[0].strip() for s in row.get("substitutions") or []))
+
+
+def substitution_notes(rows: list[dict]) -> list[str]:
+    """The report's note under the table: every substitution once, with the rows it applies to."""
+    where: dict[str, list[str]] = {}
+    for r in rows:
+        for s in r.get("substitutions") or []:
+            where.setdefault(s, []).append(f"{r['method']}/{r['dataset']}/{r['category']}")
+    if not where:
+        return []
+    lines = ["**Substituted** (an external resource was missing; the column `substituted` names it per row; "
+             "see README, Paper profile: external resources):", ""]
+    for s, at in where.items():
+        key, _, instead = s.partition(":")
+        lines.append(f"- `{key.strip()}`: {instead.strip()} ({len(at)} rows: {', '.join(at[:6])}"
+                     f"{', …' if len(at) > 6 else ''})")
+    return lines + [""]
 
 
 def gallery(maps_root: Path, out_png: Path, per_row: int = 4, tile: int = 96) -> None:
@@ -281,7 +306,7 @@ def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Pat
           "One row per method × category (test split), then per-method means with the paper's figure where the "
           "dataset is the paper's. Costs: train_seconds (the per-category `train` stage, 0 when the method has none), "
           "fit_seconds (feature extraction + fit), images_per_second (inference), "
-          "peak_rss_mb (evaluate process).", "", table, "", "![heatmaps](results.png)", ""]
+          "peak_rss_mb (evaluate process).", "", table, "", *substitution_notes(rows), "![heatmaps](results.png)", ""]
     write_text(out_dir / "results.md", "\n".join(md))
     with atomic_path(out_dir / "results.csv") as tmp:
         with open(tmp, "w", newline="") as f:

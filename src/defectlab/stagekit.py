@@ -186,23 +186,48 @@ def prepared_dir(dataset: str, category: str) -> Path:
     return Layout().prepared(dataset) / category
 
 
+def check_resources(params: Params, stage: str, *, dataset: str, method: str | None = None,
+                    category: str | None = None) -> list[str]:
+    """Before any work: every external resource of the whole run (``defectlab.resources``), so
+    whichever stage DVC runs first stops with ONE error listing all that are missing. Returns the
+    substitutions recorded for this stage's runs (MLflow tag ``substituted``): those concerning
+    ``method`` (or this stage) and, for methods reading the synthesis cache, the categories' own
+    records (the foreground heuristic falling back to the whole image)."""
+    from defectlab import pipeline, resources
+
+    configs = {m: params.profiled("methods", m) for m in params.run.methods}   # raw: no torch import here
+    found = resources.check(params, configs)
+    records = found.records(method=method, stage=stage) if (method or stage == "synthesize") else []
+    if method in resources.READS_SYNTHESIS:     # the caches the synthesize stage wrote before this stage
+        layout = pipeline.Layout()
+        for ds in (params.run.datasets if dataset in ("all", "") else [dataset]):
+            for cat in ([category] if category else params.run.categories):
+                records = resources.merge(records, resources.synthesis_records(layout.synth(ds, cat)))
+    return records
+
+
 def run_stage(stage: str, body: Callable[[Params, "object"], dict | None], *, dataset: str,
               method: str | None = None, category: str | None = None, params_file: str = "params.yaml",
               log_params: dict | None = None) -> None:
-    """Load params, open one MLflow run for this stage execution, run ``body(params, run)``.
+    """Load params, check the run's external resources (``check_resources``: one error listing every
+    missing one, before any work), open one MLflow run for this stage execution (tagged
+    ``substituted`` when a substitute stands in), run ``body(params, run)`` (under
+    ``resources.strict`` in the paper profile without ``allow_substitutes``).
 
     A DefectlabError is printed as one line on stderr and exits with status 2 (no traceback):
     outputs are only ever renamed into place on success, so nothing partial is left behind.
     """
-    from defectlab import tracking
+    from defectlab import resources, tracking
 
     try:
         params = Params.load(params_file)
+        substituted = check_resources(params, stage, dataset=dataset, method=method, category=category)
         dvc_stage = dvc_stage_name(stage, dataset=dataset, method=method, category=category)
         with stage_dataset_guard(dataset), stage_lock(dvc_stage), tracking.stage_run(stage, dataset=dataset, method=method, category=category, profile=params.profile,
                                 seed=params.seed, params={"profile": params.profile, "seed": params.seed,
                                                           "device": params.device, **(log_params or {})},
-                                config=params.tracking, dvc_stage=dvc_stage, data_dir=prepared_dir) as run:
+                                config=params.tracking, dvc_stage=dvc_stage, data_dir=prepared_dir,
+                                substituted=substituted) as run, resources.strict(resources.is_strict(params)):
             t0 = time.perf_counter()
             result = body(params, run) or {}
             run.log_metrics({"stage_seconds": time.perf_counter() - t0})

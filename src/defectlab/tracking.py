@@ -177,6 +177,10 @@ def _experiment(name: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+#: the MLflow tag listing what stood in for a missing external resource (defectlab.resources)
+SUBSTITUTED_TAG = "substituted"
+
+
 class StageRun:
     """Thin wrapper handed to stage code; every method is a no-op when tracking is off."""
 
@@ -323,9 +327,12 @@ class StageRun:
 def stage_run(stage: str, *, dataset: str, method: str | None = None, category: str | None = None,
               profile: str | None = None, seed: int | None = None, params: dict | None = None,
               config: dict | None = None, dvc_stage: str | None = None,
-              data_dir: Callable[[str, str], Path] | None = None) -> Iterator[StageRun]:
+              data_dir: Callable[[str, str], Path] | None = None,
+              substituted: list[str] | None = None) -> Iterator[StageRun]:
     """Open an MLflow run for one stage execution (or a no-op when tracking is disabled).
-    ``data_dir(dataset, category)``: the category's prepared folder, logged as the run's dataset input."""
+    ``data_dir(dataset, category)``: the category's prepared folder, logged as the run's dataset input.
+    ``substituted``: the substitution records of this stage (``defectlab.resources``), tagged
+    ``substituted=<their keys, comma-separated>`` on the run and its category runs."""
     if setup(config) is None:
         yield StageRun(None)
         return
@@ -334,6 +341,10 @@ def stage_run(stage: str, *, dataset: str, method: str | None = None, category: 
     tags = {"stage": stage, "dataset": dataset, "method": method or "", "category": category or "",
             "profile": profile or "", "seed": str(seed), "dvc.stage": dvc_stage or stage,
             **source_tags(stage, dvc_stage), **{f"version.{k}": v for k, v in versions().items()}}
+    if substituted:
+        from defectlab.resources import tag_value
+
+        tags[SUBSTITUTED_TAG] = tag_value(substituted)
     name = "/".join(x for x in (stage, method, category) if x)
     with mlflow.start_run(experiment_id=_experiment(dataset), run_name=name, tags=tags) as run:
         sr = StageRun(run, tags, data_dir)

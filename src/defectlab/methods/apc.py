@@ -43,8 +43,10 @@ category's normal training images and a few (N = 10 in the paper) labelled anoma
    training patches, nearest-neighbour patch scores, image score = max patch score
    (with PatchCore's Eq. 7 reweighting), Gaussian-smoothed upsampled maps.
 
-Initialisation: ``weights`` (random | imagenet | ds2 | a file) — MoCo v3 in the paper; the
-project's self-supervised DS2 checkpoint or ImageNet stand in.
+Initialisation: ``weights`` (random | imagenet | ds2 | a file) — MoCo v3 in the paper (a file:
+the converted official checkpoint, README "Paper profile: external resources"); anything else is
+a substitute (``defectlab.resources``): an error in the paper profile unless
+``allow_substitutes: true``, recorded in the results otherwise.
 
 Pipeline stages (``trains_per_category = True``):
 

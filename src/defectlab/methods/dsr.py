@@ -90,6 +90,7 @@ from defectlab.memory import knn
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext, make_loader
 from defectlab.resume import Checkpoint, image_files
 from defectlab.steplog import log_step
+from defectlab.resources import substitute
 from defectlab.synthesis import blend, perlin_mask, procedural_texture
 
 log = logging.getLogger(__name__)
@@ -550,6 +551,8 @@ def general_image_set(cfg: DSRConfig, ctx: PretrainContext) -> tuple[GeneralImag
             raise ResourceMissingError(f"{root}: general_images holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
                                        "point it at an image folder (e.g. ImageNet train) or set it to null")
         return GeneralImages(files, [], ctx.image_size), f"general_images folder {root} ({len(files)} images)"
+    substitute("dsr.general_images", "the dataset's own normal train images + procedural textures (not ImageNet)",
+               "ImageNet train images for stage 1 (methods.dsr.<profile>.general_images)")
     files = [p for cat in ctx.categories for p in ctx.train_images(cat)]
     arrays = [procedural_texture(hw(ctx.image_size), np.random.default_rng([ctx.seed, i]))
               for i in range(cfg.n_procedural_textures)]
@@ -602,7 +605,7 @@ class DSR(AnomalyMethod):
         cfg = config
         check_image_size(ctx.image_size)
         images, source = general_image_set(cfg, ctx)
-        log.info("DSR stage 1 trains on the %s", source)
+        log.warning("DSR stage 1 trains on the %s", source)
         torch.manual_seed(ctx.seed)
         vq = build_vq(cfg).to(ctx.device).train()
         settings = {k: getattr(cfg, k) for k in STAGE1_KEYS}

@@ -88,6 +88,7 @@ from defectlab.data.mvtec import Sample
 from defectlab.errors import ConfigError
 from defectlab.io import write_json
 from defectlab.losses import focal_loss
+from defectlab.resources import merge, substitute, synthesis_records
 from defectlab.steplog import log_step
 from defectlab.methods.base import AnomalyMethod, FitContext, PretrainContext
 
@@ -532,8 +533,11 @@ class SLSG(AnomalyMethod):
         cfg, device = self.config, ctx.device
         self.device = torch.device(device)
         pretrained = ctx.pretrain_dir is not None and (Path(ctx.pretrain_dir) / "backbone.safetensors").exists()
-        if not pretrained:
-            log.warning("slsg: no GPT-Net encoder in %s; SegNet starts from %s weights", ctx.pretrain_dir, cfg.weights)
+        if not pretrained:       # an error in the paper profile; else recorded with the model
+            self.meta["substitutions"] = merge(self.meta.get("substitutions"), [substitute(
+                "slsg.gptnet", f"SegNet encoder from {cfg.weights} weights instead of the GPT-Net encoder",
+                f"the GPT-Net checkpoint backbone.safetensors in {ctx.pretrain_dir} (run the pretrain stage: "
+                f"dvc repro pretrain@slsg-{ctx.dataset})")])
         torch.manual_seed(ctx.seed)
         encoder_model = backbone_for_fit(cfg.backbone, cfg.weights, ctx.pretrain_dir, seed=ctx.seed, dataset=ctx.dataset)
         self._build(encoder_model)
@@ -551,6 +555,8 @@ class SLSG(AnomalyMethod):
         try:
             normal = ImageDataset(ctx.data.train, ctx.image_size)
             synth = SynthDataset(synth_dir, ctx.image_size)
+            # procedural textures / whole-image foregrounds of the cache it trains on
+            self.meta["substitutions"] = merge(self.meta.get("substitutions"), synthesis_records(synth_dir))
             if len(synth) == 0:
                 raise ConfigError(f"{synth_dir}: synthesis cache is empty")
             if cfg.recalibrate_bn:

@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from defectlab.errors import ConfigError, DatasetError
 from defectlab.io import atomic_dir, write_json
+from defectlab.resources import record
 from defectlab.synthesis.compose import SynthResult
 from defectlab.synthesis.foreground import foreground_mask
 from defectlab.synthesis.logical import logical_anomaly
 from defectlab.synthesis.structural import structural_anomaly
-from defectlab.synthesis.textures import TextureSource
+from defectlab.synthesis.textures import DTD_URL, TextureSource
 
 KINDS = ("structural", "logical")
 INDEX_FIELDS = ("file", "mask", "kind", "method", "source_image", "other_image", "delta")
@@ -117,6 +118,17 @@ def build_cache(
     source = TextureSource(dtd_dir)
     images = [load_rgb(p, image_size) for p in paths]
     foregrounds = [foreground_mask(img, object_kind) for img in images]
+    substitutions = []
+    if dtd_dir is None:
+        substitutions.append(record("synthesis.dtd_dir", "procedural textures instead of DTD",
+                                        f"the DTD texture images (synthesis.cache.<profile>.dtd_dir; {DTD_URL})"))
+    whole = [rel[i] for i, fg in enumerate(foregrounds) if object_kind == "object" and fg.all()]
+    if whole:      # the heuristic found no object: anomalies may land anywhere on those images
+        substitutions.append(record(
+            "synthesis.foreground", f"whole image as foreground for {len(whole)}/{len(paths)} normal images of "
+            f"{Path(out_dir).name} (the foreground heuristic found no object)",
+            "object images whose background differs from the object (or list the category in "
+            "datasets.<ds>.texture_categories)"))
 
     def simulate(k: int) -> dict[str, Any]:
         """Sample k: pick kind and image(s), simulate; returns the index row (+ arrays)."""
@@ -170,6 +182,8 @@ def build_cache(
                 "kinds": kinds,
                 "object_kind": object_kind,
                 "texture_source": "dtd" if dtd_dir is not None else "procedural",
+                "foreground_whole_image": whole,
+                "substitutions": substitutions,
                 "params": params,
                 "sources": rel,
             },
