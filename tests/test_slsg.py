@@ -360,6 +360,33 @@ def test_detects_planted_defects(trained):
     assert m["pixel_auroc"] > 0.6, m
 
 
+@pytest.mark.slow
+def test_detects_logical_and_structural_defects_on_an_object_category(trained, demo, tmp_path):
+    """On 'board' (an object category with logical defects: missing, extra or swapped parts),
+    SegNet trained on structural + logical synthetic anomalies from the same GPT-Net (the smoke
+    recipe): logical defects are detected above chance (image AUROC of the good images against
+    the logical defects: 0.77 measured, > 0.65 asserted; structural 0.49 on this draw, not
+    asserted). ~2 min CPU with the fixture it shares."""
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext, make_loader
+    from defectlab.metrics import image_metrics
+    from defectlab.pipeline import train_and_fit
+
+    _, _, pre, *_ = trained
+    data = scan_category(demo, "board")
+    ctx = FitContext("demo", "board", data, SIZE, 0, torch.device("cpu"), pretrain_dir=pre, progress=False,
+                     extra={"object_kind": "object"})
+    model, _ = train_and_fit(SLSG, SLSGConfig(**TRAIN_CFG), ctx, tmp_path / "train")
+    r = model.predict_loader(make_loader(data.test, SIZE, 8))
+    kinds = np.asarray(r["kinds"])
+    assert {"structural", "logical"} <= set(kinds.tolist())
+    auroc = {}
+    for kind in ("structural", "logical"):
+        keep = (r["labels"] == 0) | (kinds == kind)
+        auroc[kind] = image_metrics(r["labels"][keep], r["scores"][keep])["image_auroc"]
+    assert auroc["logical"] > 0.65, auroc
+
+
 # ----------------------------------------------------------------------------- train / fit split
 def test_train_stage_output_and_fit_reproduces_predictions(trained):
     """`fit` in a new process (a fresh instance) only loads the `train` output: same predictions
