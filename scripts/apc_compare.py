@@ -34,12 +34,15 @@ KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
 
 
 def apc_config(params_file: Path, profile: str, overrides: list[str]) -> APCConfig:
-    block = yaml.safe_load(params_file.read_text())["apc"]
-    raw = {**block.get("common", {}), **(block.get(profile) or {})}
+    from defectlab.config import Params, validate
+
+    raw = Params.load(params_file, profile).profiled("methods", "apc")
     for item in overrides:
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         raw[key] = yaml.safe_load(value)
-    return APCConfig(**raw)
+    return validate(APCConfig, raw, f"{params_file}: methods.apc ({profile})")
 
 
 def evaluate(model, samples, size: int) -> dict:
@@ -53,7 +56,10 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/apc_compare_demo"), help="demo data (generated if missing)")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    ap.add_argument("--params", type=Path, default=Path(".helper/apc.params.yaml"))
+    ap.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
+    ap.add_argument("--n-train", type=int, default=None, help="generated demo: normal training images")
+    ap.add_argument("--n-test-good", type=int, default=None, help="generated demo: good test images")
+    ap.add_argument("--n-test-per-defect", type=int, default=None, help="generated demo: test images per defect")
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="APC param override key=value")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +71,9 @@ def main() -> None:
     pc_cfg = PatchCoreConfig(**{k: getattr(cfg, k) for k in PatchCoreConfig.model_fields})
     device = resolve_device(args.device)
     if not args.root.exists():
-        generate_demo(args.root, seed=args.seed, image_size=args.image_size)
+        counts = {k: v for k, v in (("n_train", args.n_train), ("n_test_good", args.n_test_good),
+                                    ("n_test_per_defect", args.n_test_per_defect)) if v is not None}
+        generate_demo(args.root, seed=args.seed, image_size=args.image_size, categories=args.categories, **counts)
     rows = []
     for cat in args.categories:
         data = scan_category(args.root, cat)

@@ -459,6 +459,13 @@ def parse_args(argv=None):
         setattr(args, key, [x.strip() for x in getattr(args, key).split(",") if x.strip()])
     if not args.worker and not args.demo and args.root is None:
         p.error("give --root (an MVTec-format folder) or --demo")
+    if not args.worker and "anomalib" in args.tools:
+        probe = subprocess.run([args.anomalib_python, "-c", "import anomalib"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            p.error(f"--anomalib-python {args.anomalib_python}: cannot import anomalib "
+                    f"({(probe.stderr.strip().splitlines() or ['no output'])[-1]}); install it in its own venv "
+                    "(see this script's docstring) and pass that interpreter, or run only our side with "
+                    "--tools defectlab")
     return args
 
 

@@ -6,8 +6,9 @@ per category and evaluates with the shared metrics module.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python scripts/ds2_compare.py --out /tmp/ds2_compare
 
-Configs come from ``.helper/ds2.params.yaml`` (``--profile``, default smoke) with ``--set key=value``
-overrides (YAML values) applied to every variant.
+Configs come from ``--params`` (default: the project's params.yaml), ``methods.ds2`` common merged
+with ``--profile`` (default smoke), with ``--set key=value`` overrides (YAML values) applied to every
+variant.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from defectlab.config import Params, validate
 from defectlab.data import scan_category
 from defectlab.data.demo import generate_demo
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
@@ -41,7 +43,11 @@ def main() -> None:
     ap.add_argument("--categories", default="grain,weave,board,tray")
     ap.add_argument("--variants", default="ds2,pixpro,random")
     ap.add_argument("--profile", default="smoke")
-    ap.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / ".helper" / "ds2.params.yaml")
+    ap.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
+    ap.add_argument("--n-train", type=int, default=40, help="generated demo: normal training images")
+    ap.add_argument("--n-test-good", type=int, default=10, help="generated demo: good test images")
+    ap.add_argument("--n-test-per-defect", type=int, default=4, help="generated demo: test images per defect")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="key=value override (YAML value)")
@@ -50,15 +56,18 @@ def main() -> None:
     cats = args.categories.split(",")
     root = args.root or args.out / "demo"
     if args.root is None and not root.exists():
-        generate_demo(root, seed=0, image_size=args.image_size, n_train=40, n_test_good=10, n_test_per_defect=4,
-                      categories=cats)
-    section = yaml.safe_load(args.params.read_text())["ds2"]
-    base = {**section.get("common", {}), **section.get(args.profile, {})}
-    base.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        generate_demo(root, seed=0, image_size=args.image_size, n_train=args.n_train, n_test_good=args.n_test_good,
+                      n_test_per_defect=args.n_test_per_defect, categories=cats)
+    base = Params.load(args.params, args.profile).profiled("methods", "ds2")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        base[key] = yaml.safe_load(value)
+    device = torch.device(args.device)
     results: dict = {"config": base, "profile": args.profile, "variants": {}}
     for name in args.variants.split(","):
-        cfg = DS2Config(**{**base, **VARIANTS[name]})
+        cfg = validate(DS2Config, {**base, **VARIANTS[name]}, f"{args.params}: methods.ds2 ({args.profile}, {name})")
         pre_dir = args.out / "pretrain" / name
         info: dict = {}
         if cfg.weights == "ds2":

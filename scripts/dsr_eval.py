@@ -8,13 +8,16 @@ stages 2 + 3 together.
         --out /tmp/dsr_eval [--root data/prepared/demo] [--set stage2_iters=400 ...]
 
 Without --root the demo dataset is generated (seed 0) at --size px with the params.yaml demo
-counts (40 train, 10 good + 4 per defect test images). Profiles come from .helper/dsr.params.yaml
-(common merged with the chosen profile); --set overrides single keys (YAML values).
+counts (40 train, 10 good + 4 per defect test images; --n-train etc. for smaller runs). Settings
+come from --params (default: the project's params.yaml), methods.dsr common merged with the chosen
+profile; --set overrides single keys (YAML values). Stage 1 is reused from <out> when its settings
+match (the directory is named by a hash of them).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -26,29 +29,36 @@ import yaml
 
 from defectlab.data import scan_category
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
-from defectlab.methods.dsr import DSR, DSRConfig
+from defectlab.methods.dsr import DSR, STAGE1_KEYS, DSRConfig
 from defectlab.metrics import compute_all
 from defectlab.pipeline import seed_everything, train_and_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config(profile: str, overrides: list[str]) -> DSRConfig:
-    block = yaml.safe_load((ROOT / ".helper" / "dsr.params.yaml").read_text())["dsr"]
-    cfg = {**block.get("common", {}), **block.get(profile, {})}
+def load_config(params: Path, profile: str, overrides: list[str]) -> DSRConfig:
+    from defectlab.config import Params, validate
+
+    cfg = Params.load(params, profile).profiled("methods", "dsr")
     for item in overrides:
-        key, value = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         cfg[key] = yaml.safe_load(value)
-    return DSRConfig.model_validate(cfg)
+    return validate(DSRConfig, cfg, f"{params}: methods.dsr ({profile})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--out", type=Path, default=Path("/tmp/dsr_eval"))
     ap.add_argument("--root", type=Path, default=None, help="MVTec-layout dataset (default: generate the demo)")
     ap.add_argument("--categories", nargs="+", default=["weave", "grain", "board", "tray"])
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--n-train", type=int, default=40, help="generated demo: normal training images")
+    ap.add_argument("--n-test-good", type=int, default=10, help="generated demo: good test images")
+    ap.add_argument("--n-test-per-defect", type=int, default=4, help="generated demo: test images per defect")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -56,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = load_config(args.profile, args.set)
+    cfg = load_config(args.params, args.profile, args.set)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.root
@@ -65,10 +75,12 @@ def main() -> None:
 
         root = args.out / "demo"
         if not root.exists():
-            generate_demo(root, seed=0, image_size=args.size, n_train=40, n_test_good=10, n_test_per_defect=4,
-                          categories=args.categories)
+            generate_demo(root, seed=0, image_size=args.size, n_train=args.n_train, n_test_good=args.n_test_good,
+                          n_test_per_defect=args.n_test_per_defect, categories=args.categories)
     seed_everything(args.seed)
-    pre = args.out / f"pretrain-{args.profile}"
+    stage1_settings = json.dumps({k: getattr(cfg, k) for k in sorted(STAGE1_KEYS)} | {
+        "size": args.size, "seed": args.seed, "root": str(root.resolve()), "categories": args.categories}, sort_keys=True)
+    pre = args.out / f"pretrain-{hashlib.sha256(stage1_settings.encode()).hexdigest()[:12]}"
     t0, c0 = time.perf_counter(), time.process_time()
     if not (pre / "vq.safetensors").exists():
         pre.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Multi-scale vs single-scale patch SVDD on the demo data (the paper's Table 6 comparison).
 
-Generates the demo dataset (or reuses --data), then for every category trains and fits
+Uses the MVTec-layout dataset at --data as it is, or without --data generates the demo dataset
+(--image-size, --n-train ...) into a temporary folder; then for every category trains and fits
 ``msp_svdd`` twice (``pipeline.train_and_fit``: the encoders' training, then the memory banks on
 a fresh instance reading it back) with the same profile settings — once with the profile's
 ``scales`` (multi-scale) and once with ``--single`` scales (default [64], the paper's
@@ -10,9 +11,8 @@ test split. Prints a table and writes JSON.
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python scripts/msp_compare.py \
         --profile smoke --out /tmp/msp_compare.json
 
-Settings come from ``--params`` (params.yaml when it has ``methods.msp_svdd``, else
-.helper/msp_svdd.params.yaml), profile ``--profile``, plus ``--set key=value`` overrides
-(value parsed as YAML).
+Settings come from ``--params`` (default: the project's params.yaml), ``methods.msp_svdd`` common
+merged with profile ``--profile``, plus ``--set key=value`` overrides (value parsed as YAML).
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import torch
 import yaml
 
 
-def method_params(path: Path, profile: str) -> dict:
-    from defectlab.config import deep_merge
+ROOT = Path(__file__).resolve().parents[1]
 
-    raw = yaml.safe_load(path.read_text())
-    section = raw.get("methods", raw).get("msp_svdd")
-    if section is None:
-        raise SystemExit(f"{path}: no msp_svdd section")
-    return deep_merge(section.get("common", {}), section.get(profile, {}))
+
+def method_params(path: Path, profile: str) -> dict:
+    from defectlab.config import Params
+
+    return Params.load(path, profile).profiled("methods", "msp_svdd")
 
 
 def run(config, data, image_size: int, seed: int, device: torch.device, batch_size: int = 8) -> dict:
@@ -64,46 +63,61 @@ def run(config, data, image_size: int, seed: int, device: torch.device, batch_si
 
 def main() -> None:
     from defectlab.config import validate
-    from defectlab.data import scan_category
     from defectlab.data.demo import generate_demo
     from defectlab.methods.msp_svdd import MSPSVDDConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=Path, default=None)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--single", default="[64]", help="scales of the single-scale run (YAML list)")
     ap.add_argument("--variants", default="multi,single", help="which of multi,single to run")
     ap.add_argument("--categories", default="weave,grain,board,tray")
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--n-train", type=int, default=40)
-    ap.add_argument("--data", type=Path, default=Path("/tmp/msp_compare_demo"))
+    ap.add_argument("--n-train", type=int, default=40, help="generated demo: normal training images")
+    ap.add_argument("--n-test-good", type=int, default=10, help="generated demo: good test images")
+    ap.add_argument("--n-test-per-defect", type=int, default=4, help="generated demo: test images per defect")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="MVTec-layout dataset root holding the categories (default: generate the demo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     params_path = args.params
-    if params_path is None:
-        main_params = yaml.safe_load(Path("params.yaml").read_text())
-        params_path = Path("params.yaml") if "msp_svdd" in main_params.get("methods", {}) \
-            else Path(".helper/msp_svdd.params.yaml")
     base = method_params(params_path, args.profile)
     for kv in args.set:
-        key, value = kv.split("=", 1)
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
         base[key] = yaml.safe_load(value)
     single_scales = yaml.safe_load(args.single)
     variants = {"multi": validate(MSPSVDDConfig, base, "msp_svdd"),
                 "single": validate(MSPSVDDConfig, {**base, "scales": single_scales}, "msp_svdd")}
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     cats = args.categories.split(",")
-    generate_demo(args.data, seed=args.seed, image_size=args.image_size, n_train=args.n_train, n_test_good=10,
-                  n_test_per_defect=4, categories=cats)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data
+        if data_root is None:
+            data_root = Path(tmp) / "demo"
+            generate_demo(data_root, seed=args.seed, image_size=args.image_size, n_train=args.n_train,
+                          n_test_good=args.n_test_good, n_test_per_defect=args.n_test_per_defect, categories=cats)
+        elif not data_root.is_dir():
+            raise SystemExit(f"--data {data_root}: no such dataset folder")
+        results = compare(args, variants, cats, data_root, params_path)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def compare(args, variants: dict, cats: list[str], data_root: Path, params_path: Path) -> dict:
+    from defectlab.data import scan_category
+
     device = torch.device(args.device)
     results: dict = {"params": str(params_path), "profile": args.profile, "overrides": args.set,
+                     "data": str(args.data) if args.data else "demo (generated)",
                      "scales": {k: v.scales for k, v in variants.items()}, "categories": {}}
     for cat in cats:
-        data = scan_category(args.data, cat)
+        data = scan_category(data_root, cat)
         results["categories"][cat] = {}
         for name, cfg in variants.items():
             r = run(cfg, data, args.image_size, args.seed, device)
@@ -117,8 +131,7 @@ def main() -> None:
         results[f"mean_{name}"] = means
         print(f"mean   {name:6s} image AUROC {means['image_auroc']:.3f}  pixel AUROC {means['pixel_auroc']:.3f}  "
               f"AUPRO {means['aupro']:.3f}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

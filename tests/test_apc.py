@@ -107,6 +107,34 @@ def test_network_heads_and_shapes():
     assert set(seg_only(x)) == {"seg"}
 
 
+def test_decoder_reads_the_layer3_and_layer2_skip_connections():
+    """U-Net2 (Fig. 3): the decoder fuses layer3 into its first and layer2 into its second up-block.
+    With layer4 held fixed, changing only layer3's or only layer2's features changes every head's
+    output; a decoder without those skips would only see layer4."""
+    torch.manual_seed(0)
+    net = APCNet(torchvision.models.resnet18(), APCConfig()).train()     # batch statistics: see the SLSG test
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = net.encode(x)
+        real_encode = net.encode
+
+        def outputs(changed: int | None) -> dict:
+            fs = [f.clone() for f in feats]
+            if changed is not None:
+                fs[changed] = fs[changed] + torch.randn_like(fs[changed])
+            net.encode = lambda _x: fs
+            try:
+                return net(x)
+            finally:
+                net.encode = real_encode
+
+        base = outputs(None)
+        for level in (2, 1):                                                  # layer3, layer2
+            out = outputs(level)
+            for head in ("cls", "seg", "recon"):
+                assert (out[head] - base[head]).abs().max() > 1e-4, (level, head)
+
+
 def test_gaussian_smoothing_matches_shared_blur():
     x = torch.rand(2, 3, 20, 24)
     ours = GaussianSmoothing(1.5, 3)(x)
@@ -250,6 +278,9 @@ def test_save_load_predicts_identically(fitted, grain):
 
 
 def test_detects_planted_defects(fitted, grain):
+    """Detection after the short fine-tune. Plain PatchCore on the same random backbone meets these
+    thresholds on this data too: this checks that fine-tuning does not break detection, not that
+    it helps (scripts/apc_compare.py measures that against PatchCore)."""
     model, _, _ = fitted
     out = model.predict_loader(make_loader(eval_samples(model, grain), SIZE, 8))
     m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab.methods.ds2 import (DS2, DS2Config, DS2Net, feature_top1_positive, geometric_positives,
+from defectlab.methods.ds2 import (DS2, PPM, DS2Config, DS2Net, feature_top1_positive, geometric_positives,
                                    ledoit_wolf, make_batch_views, pair_loss, receptive_field_upsample, train_ds2)
 
 TINY = dict(backbone="resnet18", proj_hidden=64, proj_dim=32, crop_size=64, batch_size=8, min_scale=0.3,
@@ -86,6 +86,54 @@ def test_pair_loss_sum_and_mean_weightings_match_hand_computed_values():
     pos[1, 0, 0] = True      # cos((1,0),(-1,0)) = -1
     assert pair_loss(y, z, pos, "sum").item() == pytest.approx((-1.0 + 1.0) / 2, abs=1e-5)
     assert pair_loss(y, z, pos, "mean").item() == pytest.approx((-0.5 + 1.0) / 2, abs=1e-5)
+
+
+def test_ppm_propagates_by_clamped_cosine_to_the_power_gamma_hand_computed():
+    """PixPro's PPM: y_i = Σ_j max(cos(x_i, x_j), 0)^γ · T(x_j). Three cells x0 = (1, 0), x1 = (1, 1),
+    x2 = (-1, 0): cos(x0, x1) = 1/√2, the other pairs are negative and drop out. With T(x) = 2x + 1
+    (hand-set 1x1 convolution) and γ = 2: s01 = 1/2."""
+    ppm = PPM(2, gamma=2.0, layers=1)
+    with torch.no_grad():
+        ppm.transform.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
+        ppm.transform.bias.fill_(1.0)
+    x = torch.tensor([[1.0, 1.0, -1.0], [0.0, 1.0, 0.0]]).view(1, 2, 1, 3)
+    t0, t1, t2 = torch.tensor([3.0, 1.0]), torch.tensor([3.0, 3.0]), torch.tensor([-1.0, 1.0])
+    expected = torch.stack([t0 + 0.5 * t1, 0.5 * t0 + t1, t2], 1).view(1, 2, 1, 3)
+    torch.testing.assert_close(ppm(x), expected)
+    ppm.gamma = 1.0                                                   # γ = 1: s01 = 1/√2
+    s = 1 / np.sqrt(2)
+    expected = torch.stack([t0 + s * t1, s * t0 + t1, t2], 1).view(1, 2, 1, 3)
+    torch.testing.assert_close(ppm(x), expected)
+
+
+def _loss_on_fixed_views(**cfg):
+    cfg = DS2Config(**{**TINY, "batch_size": 2, **cfg})
+    gen = torch.Generator().manual_seed(0)
+    (v1, v2), (g1, g2) = make_batch_views(torch.rand(2, 3, 64, 64, generator=gen), gen, cfg)
+    net = DS2Net(cfg, seed=0)
+    with torch.no_grad():
+        return net, net(v1, v2, g1, g2, (64, 64))
+
+
+def test_loss_averages_the_scales_and_reads_scales_and_feature_pair():
+    """Eq. 3: the loss is the mean over the configured scales of the per-scale (symmetrised) pair
+    losses; ``scales`` decides which stages enter, and ``feature_pair: false`` (PixPro) drops
+    the top-1 feature pair: fewer positives (at most one per image and direction), another loss."""
+    net, (total, stats) = _loss_on_fixed_views(scales=["layer3", "layer4"])
+    assert set(net.projectors) == {"layer3", "layer4"}
+    assert total.item() == pytest.approx((stats["loss_layer3"] + stats["loss_layer4"]) / 2, rel=1e-6)
+    assert stats["loss_layer3"] != pytest.approx(stats["loss_layer4"], rel=1e-3)   # the mean is not one term
+    _, (total4, stats4) = _loss_on_fixed_views(scales=["layer4"])
+    assert {k for k in stats4 if k.startswith("loss_")} == {"loss_layer4"}
+    assert total4.item() == pytest.approx(stats4["loss_layer4"], rel=1e-6)
+    _, (total24, stats24) = _loss_on_fixed_views(scales=["layer2", "layer4"])
+    assert {k for k in stats24 if k.startswith("loss_")} == {"loss_layer2", "loss_layer4"}
+    assert total24.item() != pytest.approx(total.item(), rel=1e-4)
+    _, (total_px, stats_px) = _loss_on_fixed_views(scales=["layer3", "layer4"], feature_pair=False)
+    for s in ("layer3", "layer4"):
+        extra = stats[f"positives_{s}"] - stats_px[f"positives_{s}"]
+        assert 0 < extra <= 1.0, (s, extra)                       # per image, averaged over both directions
+    assert total_px.item() != pytest.approx(total.item(), rel=1e-4)
 
 
 def test_momentum_branch_gets_no_gradients_and_ema_moves_it():
@@ -219,6 +267,10 @@ def _score(model, data, size):
 
 
 def test_gde_detects_planted_defects_and_roundtrips(pretrained, tiny_demo, tmp_path):
+    """The GDE head on a ds2 checkpoint: loading, patch counts, detection, save/load. The backbone
+    is pretrained for 4 steps only, so it stays close to its random start: this checks the head
+    and the checkpoint plumbing, not the quality of DS2 pretraining (the loss and PPM tests
+    above cover its mechanism)."""
     from defectlab.data import scan_category
     from defectlab.methods.base import FitContext
     from defectlab.metrics import image_metrics, pixel_metrics

@@ -113,6 +113,24 @@ def test_spro_saturation_hand_computed():
     assert np.allclose(np.interp(np.linspace(0, 1, 50), fpr_s, pro_s), np.interp(np.linspace(0, 1, 50), fpr_p, pro_p))
 
 
+def test_spro_fpr_counts_defect_free_pixels_of_every_image():
+    """As the MVTec LOCO evaluation does, the FPR is taken over the defect-free pixels of all test
+    images, anomalous ones included, not over the good images only (nor over defect pixels).
+    Hand-computed: 16 good + 12 defect-free pixels of the anomalous image = 28 negatives; the one
+    false positive (0.95) sits in the anomalous image, above its defect (0.9)."""
+    amap = np.zeros((2, 4, 4), np.float32)               # image 0 good, image 1 anomalous
+    mask = np.zeros((4, 4), bool)
+    mask[0, :] = True
+    amap[1, 0, :] = 0.9
+    amap[1, 3, 3] = 0.95
+    defects = [[], [(mask, 4.0)]]
+    fpr, pro = metrics.spro_curve(defects, amap)
+    assert np.allclose(fpr, [0.0, 1 / 28, 1 / 28, 1.0]) and np.allclose(pro, [0.0, 0.0, 1.0, 1.0])
+    # area up to FPR 0.05: sPRO 0 until 1/28, then 1 -> (0.05 - 1/28) / 0.05
+    assert metrics.spro(defects, amap, max_fpr=0.05) == pytest.approx(1 - 20 / 28)
+    # good images only would see no false positive at all (sPRO 1.0)
+
+
 def test_curves_for_dvc_plots_are_small_and_monotone():
     rng = np.random.default_rng(1)
     labels = np.r_[np.zeros(20), np.ones(20)].astype(int)

@@ -325,6 +325,45 @@ def test_image_score_is_max_of_window_means():
     assert score.item() == pytest.approx(1.0) and torch.equal(maps, am)
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_anomaly_map_is_eq6_nearest_bank_distance_summed_over_scales_eq8(backend):
+    """Eq. 6-8 written out on tiny banks: each grid patch's score is the L2 distance (not squared)
+    of its embedding to the nearest training-patch embedding of its scale, each pixel of AM_θ the
+    mean over the patches covering it, and AM the sum (not the mean) of the per-scale maps."""
+    cfg = MSPSVDDConfig(**{**FAST, "knn_backend": backend})
+    model = fresh(cfg)
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(2, 3, 48, 48, generator=gen), torch.randn(2, 3, 48, 48, generator=gen)
+    size, stride = 48, 8
+
+    def patches(images, p):
+        starts = list(range(0, size - p + 1, stride))          # 48 - p is a multiple of 8: no border shift
+        with torch.no_grad():
+            return starts, {(i, y, x): model.encoders[str(p)](images[i:i + 1, :, y:y + p, x:x + p])[0].double()
+                            for i in range(len(images)) for y in starts for x in starts}
+
+    expected = torch.zeros(2, size, size, dtype=torch.float64)
+    for p in cfg.scales:
+        _, bank = patches(train, p)
+        model.banks[p] = torch.stack(list(bank.values())).float()     # T^θ: every training grid patch
+        starts, test_emb = patches(test, p)
+        for i in range(2):
+            total = torch.zeros(size, size, dtype=torch.float64)
+            count = torch.zeros(size, size, dtype=torch.float64)
+            for y in starts:
+                for x in starts:
+                    d = min(float(torch.sqrt(((test_emb[i, y, x] - t) ** 2).sum())) for t in bank.values())   # Eq. 6
+                    total[y:y + p, x:x + p] += d
+                    count[y:y + p, x:x + p] += 1
+            expected[i] += total / count                                # Eq. 7, summed over θ: Eq. 8
+    model._index = {}
+    _, am = model.predict(test)
+    torch.testing.assert_close(am.double(), expected, rtol=1e-4, atol=1e-4)
+    # the training patches themselves score 0 at every scale
+    _, am_train = model.predict(train)
+    assert am_train.abs().max().item() < 1e-2
+
+
 # ---- configuration -------------------------------------------------------------------------------
 def test_config_checks_and_params_profiles():
     with pytest.raises(ValueError):
@@ -332,10 +371,7 @@ def test_config_checks_and_params_profiles():
     with pytest.raises(ConfigError):
         from defectlab.methods.msp_svdd import init_features
         init_features("imagenet", 0.5, 0)
-    path = Path(__file__).parents[1] / ".helper" / "msp_svdd.params.yaml"
-    raw = yaml.safe_load(path.read_text()) if path.exists() else \
-        yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["methods"]
-    sec = raw["msp_svdd"]
+    sec = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["methods"]["msp_svdd"]
     for profile in ("smoke", "default", "paper"):
         cfg = MSPSVDDConfig(**{**sec["common"], **sec[profile]})
         assert cfg.scales == [64, 32, 16]

@@ -104,6 +104,92 @@ def test_sg_block_shapes_graph_and_gradient():
     assert x.grad.abs().sum() > 0
 
 
+def _sg_reference(block: SGBlock, x: torch.Tensor, use_pos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fig. 4 / Eq. 2-7 node by node, for one image (C, H, W) -> (X' (C, H, W), neighbours (N, K)),
+    with the block's weights and a hand-written 2-D sine-cosine encoding for pos_dim 4
+    (one frequency, ω = 1: P(y, x) = [sin y, cos y, sin x, cos x])."""
+    c, hh, ww = x.shape
+    nodes = [x[:, i // ww, i % ww] for i in range(hh * ww)]
+
+    def conv1x1(conv, v):
+        return conv.weight[:, :, 0, 0] @ v + (conv.bias if conv.bias is not None else 0)
+
+    q = [conv1x1(block.f, v) for v in nodes]
+    k = [conv1x1(block.g, v) for v in nodes]
+    val = [conv1x1(block.h, v) for v in nodes]
+    d = q[0].numel()
+    pos = [torch.tensor([np.sin(i // ww), np.cos(i // ww), np.sin(i % ww), np.cos(i % ww)], dtype=torch.float32)
+           for i in range(hh * ww)]
+    cos = torch.nn.functional.cosine_similarity
+    z, v2, nbrs = [], [], []
+    for i in range(hh * ww):
+        logits = torch.stack([q[i] @ k[j] / np.sqrt(d) for j in range(hh * ww)])
+        w_d = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()      # Eq. 2
+        z.append(sum(w_d[j] * val[j] for j in range(hh * ww)))                                # Eq. 3
+        w_s = torch.stack([cos(q[i], k[j], dim=0) - (cos(pos[i], pos[j], dim=0) if use_pos else 0.0)
+                           for j in range(hh * ww)])                                            # Eq. 4, 5
+        top = sorted(range(hh * ww), key=lambda j: -w_s[j].item())[:block.knn]
+        nbrs.append(top)
+        v2.append(torch.stack([nodes[j] - nodes[i] for j in top]).amax(0))                     # Eq. 6
+    zz = torch.stack(z, 1).reshape(c, hh, ww)
+    vv = torch.stack(v2, 1).reshape(c, hh, ww)
+    conv, bn = block.u[0], block.u[1]                                                           # Eq. 7
+    cat = torch.cat([zz, vv]).reshape(2 * c, -1)
+    out = conv.weight[:, :, 0, 0] @ cat
+    out = (out - bn.running_mean[:, None]) / torch.sqrt(bn.running_var[:, None] + bn.eps)
+    out = out * bn.weight[:, None] + bn.bias[:, None]
+    return out.clamp_min(0).reshape(c, hh, ww), torch.tensor(nbrs)
+
+
+def test_sg_block_matches_the_papers_equations_node_by_node():
+    """SGBlock.forward against Eq. 2-7 written out per node (dense attention on h(X), sparse graph
+    from CosSim(f(X), g(X)ᵀ) − W_p, max-relative aggregation of the input nodes X, u on [Z', V'']).
+    The case is one where W_p changes the graph, so a block that drops it, aggregates h(X)
+    instead of X or leaves a branch out of u does not match."""
+    torch.manual_seed(0)
+    block = SGBlock(6, knn=2, reduction=2, pos_dim=4).eval()
+    with torch.no_grad():
+        block.u[1].running_mean.uniform_(-0.2, 0.2)
+        block.u[1].running_var.uniform_(0.5, 2.0)
+        block.u[1].weight.uniform_(0.5, 1.5)
+        block.u[1].bias.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 6, 2, 3)
+    with torch.no_grad():
+        y = block(x)
+        for b in range(2):
+            ref, nbrs = _sg_reference(block, x[b])
+            torch.testing.assert_close(y[b], ref, atol=1e-5, rtol=1e-4)
+            assert torch.equal(block.last_neighbours[b].sort(-1).values, nbrs.sort(-1).values)
+        # the case discriminates: without W_p the graph (and X') would differ
+        _, nbrs_no_pos = _sg_reference(block, x[0], use_pos=False)
+        assert not torch.equal(nbrs_no_pos.sort(-1).values, block.last_neighbours[0].sort(-1).values)
+
+
+def test_segnet_decoder_reads_the_sg_block_output():
+    """X' reaches the decoder (as its bottleneck and, projected, in every decoder block): changing
+    only the SG block's output changes the segmentation logits, through each path."""
+    from defectlab.methods.slsg import SegNet
+
+    torch.manual_seed(0)
+    # batch statistics (train-mode batch norm): at eval with fresh running statistics the
+    # signal of a randomly initialised decoder fades to nothing
+    net = SegNet(SLSGConfig(**TINY), __import__("torchvision").models.resnet18()).train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        base, _ = net(x)
+        original, skip = net.sg.forward, net.sg_skip.forward
+        # the bottleneck path alone: X' shifted, the projection into the decoder blocks sees the original
+        net.sg.forward = lambda f: original(f) + 1.0
+        net.sg_skip.forward = lambda f: skip(f - 1.0)
+        bottleneck_only, _ = net(x)
+        # the decoder-block path alone: X' unchanged, only its projection shifted
+        net.sg.forward = original
+        net.sg_skip.forward = lambda f: skip(f) + 1.0
+        extra_only, _ = net(x)
+    assert (bottleneck_only - base).abs().max() > 1e-3
+    assert (extra_only - base).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- losses and masks
 def test_segnet_loss_terms_react():
     cfg = SLSGConfig()
@@ -272,6 +358,33 @@ def test_detects_planted_defects(trained):
     m = compute_all(r["labels"], r["scores"], r["masks"], r["maps"])
     assert m["image_auroc"] > 0.75, m
     assert m["pixel_auroc"] > 0.6, m
+
+
+@pytest.mark.slow
+def test_detects_logical_and_structural_defects_on_an_object_category(trained, demo, tmp_path):
+    """On 'board' (an object category with logical defects: missing, extra or swapped parts),
+    SegNet trained on structural + logical synthetic anomalies from the same GPT-Net (the smoke
+    recipe): logical defects are detected above chance (image AUROC of the good images against
+    the logical defects: 0.77 measured, > 0.65 asserted; structural 0.49 on this draw, not
+    asserted). ~2 min CPU with the fixture it shares."""
+    from defectlab.data import scan_category
+    from defectlab.methods.base import FitContext, make_loader
+    from defectlab.metrics import image_metrics
+    from defectlab.pipeline import train_and_fit
+
+    _, _, pre, *_ = trained
+    data = scan_category(demo, "board")
+    ctx = FitContext("demo", "board", data, SIZE, 0, torch.device("cpu"), pretrain_dir=pre, progress=False,
+                     extra={"object_kind": "object"})
+    model, _ = train_and_fit(SLSG, SLSGConfig(**TRAIN_CFG), ctx, tmp_path / "train")
+    r = model.predict_loader(make_loader(data.test, SIZE, 8))
+    kinds = np.asarray(r["kinds"])
+    assert {"structural", "logical"} <= set(kinds.tolist())
+    auroc = {}
+    for kind in ("structural", "logical"):
+        keep = (r["labels"] == 0) | (kinds == kind)
+        auroc[kind] = image_metrics(r["labels"][keep], r["scores"][keep])["image_auroc"]
+    assert auroc["logical"] > 0.65, auroc
 
 
 # ----------------------------------------------------------------------------- train / fit split
