@@ -30,15 +30,19 @@ def benchmark(
     image_size: int = typer.Option(256, help="resize images to this size"),
     resize: str = typer.Option("squash", help="squash | shorter_side_crop | pad"),
     masks_optional: bool = typer.Option(False, help="accept defective test images without masks (pixel metrics null)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2: one fit + evaluation per "
+                                                   "seed into OUT/seed-<s>/, mean ± std in OUT/metrics.json "
+                                                   "(default: params' seed, one run)"),
 ) -> None:
     """Fit and evaluate one method on any MVTec-format folder; write OUT/metrics.json and OUT/maps/."""
     from defectlab.config import Params
-    from defectlab.pipeline import benchmark as run_benchmark
+    from defectlab.pipeline import benchmark as run_benchmark, parse_seeds
 
     try:
         p = Params.load(params, profile=profile)
+        seed_list = parse_seeds(seeds) if seeds is not None else None
         metrics = run_benchmark(p, method, root, category, out, image_size=image_size, resize=resize,
-                                masks_optional=masks_optional)
+                                masks_optional=masks_optional, seeds=seed_list)
     except DefectlabError as err:
         _fail(err)
     keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "fit_seconds",
@@ -46,6 +50,22 @@ def benchmark(
     from rich.console import Console
     from rich.table import Table
 
+    if "seeds" in metrics:
+        from defectlab.report import fmt_mean_std
+
+        summary = metrics["metrics"]
+        table = Table(title=f"{method} on {root}/{category}, seeds {', '.join(map(str, metrics['seeds']))}")
+        table.add_column("metric")
+        table.add_column("mean ± std", justify="right")
+        table.add_column("per seed", justify="right")
+        kinds = sorted(k for k in summary if k.startswith("image_auroc_") and k not in keys)
+        for k in keys[:6] + kinds + keys[6:]:
+            entry = summary.get(k)
+            values = " ".join("—" if v is None else f"{v:.4f}" for v in (entry or {}).get("values", []))
+            table.add_row(k, fmt_mean_std(entry, 4), values)
+        Console().print(table)
+        typer.echo(f"wrote {out / 'metrics.json'} and {out}/seed-<s>/ (metrics.json, maps/)")
+        return
     table = Table(title=f"{method} on {root}/{category}")
     table.add_column("metric")
     table.add_column("value", justify="right")

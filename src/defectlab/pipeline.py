@@ -1003,12 +1003,59 @@ def _publish_results(kept: Path, dest: dict, category: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # benchmark: one method on any MVTec-format folder, outside the DVC pipeline
 # ---------------------------------------------------------------------------------------------
+def with_seed(params: Params, seed: int) -> Params:
+    """``params`` with its top-level ``seed`` replaced (profile and every other key as they are)."""
+    return Params({**params.raw, "seed": seed}, params.path)
+
+
+def parse_seeds(text: str, where: str = "--seeds") -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; a ConfigError naming ``where`` for anything else (empty, not an
+    integer, a seed twice)."""
+    from defectlab.errors import ConfigError
+
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"{where}: a comma-separated list of integers, e.g. 0,1,2 (got {text!r})") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seed listed twice (got {text!r})")
+    return seeds
+
+
 def benchmark(params: Params, method: str, root: Path, category: str, out_dir: Path, *,
               image_size: int | None = None, resize: str = "squash", masks_optional: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, seeds: list[int] | None = None) -> dict:
     """Fit + evaluate ``method`` on ``root/category``; write out_dir/metrics.json and out_dir/maps/.
     ``resize``: how non-square images become image_size x image_size (data.transform);
-    ``masks_optional``: accept defective test images without a mask (their pixel metrics: null)."""
+    ``masks_optional``: accept defective test images without a mask (their pixel metrics: null).
+
+    ``seeds``: run once per seed (params' ``seed`` replaced: pretraining, training, coreset picks,
+    synthesis), each into ``out_dir/seed-<s>/`` (metrics.json, maps/, curves.json as for one run);
+    ``out_dir/metrics.json`` then holds ``{"seeds", "n_seeds", "method", ..., "metrics": {metric:
+    {"mean", "std", "n", "values"}}}`` (report.seed_summary), which is returned. ``None`` or one
+    seed: one run straight into ``out_dir``, as without the option."""
+    from defectlab.report import seed_summary
+
+    kwargs = dict(image_size=image_size, resize=resize, masks_optional=masks_optional, progress=progress)
+    if not seeds or len(seeds) == 1:
+        return _benchmark_once(with_seed(params, seeds[0]) if seeds else params, method, root, category, out_dir,
+                               **kwargs)
+    with atomic_dir(Path(out_dir)) as tmp:
+        per_seed = {s: _benchmark_once(with_seed(params, s), method, root, category, tmp / f"seed-{s}", **kwargs)
+                    for s in seeds}
+        first = per_seed[seeds[0]]
+        summary = {**{k: first.get(k) for k in ("method", "category", "root", "image_size", "resize", "device")},
+                   "profile": params.profile, "seeds": list(seeds), "n_seeds": len(seeds),
+                   "metrics": seed_summary(per_seed)}
+        write_json(tmp / "metrics.json", summary)
+    return summary
+
+
+def _benchmark_once(params: Params, method: str, root: Path, category: str, out_dir: Path, *,
+                    image_size: int | None = None, resize: str = "squash", masks_optional: bool = False,
+                    progress: bool = True) -> dict:
+    """One run of ``benchmark`` at ``params.seed``."""
     from defectlab.backbones import resolve_device
     from defectlab.data import scan_category
     from defectlab.methods.base import FitContext, PretrainContext
@@ -1037,7 +1084,7 @@ def benchmark(params: Params, method: str, root: Path, category: str, out_dir: P
         fit_seconds = time.perf_counter() - t0
         out, seconds = score_category(model, data, size, ev.batch_size, progress)
         metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), size)
-        metrics.update({"method": method, "category": category, "root": str(root), "image_size": size,
+        metrics.update({"method": method, "category": category, "root": str(root), "seed": params.seed, "image_size": size,
                         "resize": resize, "fit_seconds": fit_seconds, "fit_stats": stats,
                         "inference_seconds": seconds, "images_per_second": len(out["scores"]) / max(seconds, 1e-9),
                         "peak_rss_mb": peak_rss_mb(), "device": str(device)})

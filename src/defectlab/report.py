@@ -220,6 +220,46 @@ def _fmt(v) -> str:
     return str(v)
 
 
+#: keys of a run's metrics.json that describe the run, not a result (never averaged over seeds)
+RUN_KEYS = ("seed", "image_size")
+
+
+def mean_std(values) -> dict:
+    """{"mean", "std", "n"} of the numbers in ``values`` (None skipped). ``std`` is the sample
+    standard deviation (n − 1 in the denominator: with 3 – 5 seeds the population one understates
+    the spread); None when fewer than two values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+            "n": len(vals)}
+
+
+def seed_summary(per_seed: dict[int, dict]) -> dict:
+    """{metric: {"mean", "std", "n", "values"}} over the runs in ``per_seed`` ({seed: metrics}):
+    every key holding a number (not a bool) in at least one run, except ``RUN_KEYS``. ``values``
+    lists each seed's value in ``per_seed``'s order (None where that run has none)."""
+    keys: list[str] = []
+    for m in per_seed.values():
+        keys += [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and k not in RUN_KEYS and k not in keys]
+    out = {}
+    for k in keys:
+        values = [m.get(k) if isinstance(m.get(k), (int, float)) else None for m in per_seed.values()]
+        out[k] = {**mean_std(values), "values": values}
+    return out
+
+
+def fmt_mean_std(entry: dict | None, decimals: int = 3) -> str:
+    """"0.912 ± 0.021" (std over seeds), "0.912" for one value, "—" for none."""
+    if not entry or entry.get("mean") is None:
+        return "—"
+    mean, std = entry["mean"], entry.get("std")
+    if abs(mean) >= 100:
+        decimals = 0
+    return f"{mean:.{decimals}f}" + ("" if std is None else f" ± {std:.{decimals}f}")
+
+
 def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table (one row per method × category, plus per-method means) and CSV rows."""
     cols = [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)] + COST_COLUMNS
