@@ -288,6 +288,30 @@ def test_detects_planted_defects(fitted, grain):
     assert m["pixel_auroc"] > 0.7
 
 
+@pytest.mark.slow
+def test_finetuning_beats_plain_patchcore_on_the_same_backbone(grain, tmp_path):
+    """What APC is for: on the same random ResNet-18, the same PatchCore settings and the same
+    test images (minus APC's labelled anomalies), 8 epochs of fine-tuning with 6 labelled
+    anomalies lift image AUROC from 0.76 (plain PatchCore) to 0.96 on 'grain' at 64 px
+    (measured; a 0.1 margin asserted). A fit that ignored the fine-tuned encoder scores as
+    PatchCore does. ~30 s CPU."""
+    from defectlab.methods.patchcore import PatchCore, PatchCoreConfig
+    from defectlab.pipeline import seed_everything
+
+    cfg = APCConfig(**{**FAST, "epochs": 8})
+    seed_everything(0)
+    apc, _ = train_and_fit(APC, cfg, ctx_for(grain), tmp_path / "train", torch.device("cpu"))
+    seed_everything(0)
+    plain = PatchCore(PatchCoreConfig(**{k: getattr(cfg, k) for k in PatchCoreConfig.model_fields}), "cpu")
+    plain.fit(ctx_for(grain))
+    samples = eval_samples(apc, grain)
+    auroc = {}
+    for name, model in (("apc", apc), ("patchcore", plain)):
+        out = model.predict_loader(make_loader(samples, SIZE, 8))
+        auroc[name] = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])["image_auroc"]
+    assert auroc["apc"] > auroc["patchcore"] + 0.1, auroc
+
+
 def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monkeypatch):
     import defectlab.methods.apc as apc_module
 
