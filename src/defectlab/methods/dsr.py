@@ -20,11 +20,16 @@ Training has three stages (Sec. 3.7), one per DVC stage:
    procedural textures) with the VQ-VAE loss of Eq. 2: reconstruction + codebook +
    λ1·commitment, with straight-through gradients. The codebooks are updated by that loss
    (``codebook_update: loss``, as Eq. 2 says) or by exponential moving averages (``ema``, as
-   the authors' code). Output: ``vq.safetensors`` + ``vq.json``.
+   the authors' code). Each step logs, per codebook, the share of codes the batch uses and the
+   perplexity of its assignments (:func:`code_statistics`). Output: ``vq.safetensors`` (with
+   each code's usage, a moving average of assignments per step) + ``vq.json``.
 2. ``train`` (DVC `train`, per category), stage 2: with stage 1 frozen (read from
    ``ctx.pretrain_dir``), anomalies are generated *in feature space* (Sec. 3.6): inside a
    Perlin mask the quantized features are replaced by codebook vectors near, but not at, the
-   original (:func:`sample_near_codes`). Restriction modules, object decoder and detection
+   original (:func:`sample_near_codes`), drawn among the codes stage 1 left live
+   (``live_code_share``: a dead code lies outside the learnt subspace, so drawing it would not
+   make a near-in-distribution anomaly; the paper leaves this open, the authors' release samples
+   every code). Restriction modules, object decoder and detection
    module are trained with Eq. 3: focal(M_gt, M) + λ2·L2(F̃, Q) + λ3·L2(I, I_spc), with Q and I
    the anomaly-free features and image. ``trained_tensors`` = the frozen stage-1 weights it was
    trained on plus the stage-2 modules (everything but the upsampling module), so stage 3
