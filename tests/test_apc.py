@@ -329,3 +329,24 @@ def test_apc_score_is_fit_only_and_the_paper_profile_scores_by_the_maximum():
     profiles = {p: Params.load(Path(__file__).parents[1] / "params.yaml", profile=p).method("apc", APCConfig).score
                 for p in ("smoke", "default", "paper")}
     assert profiles == {"smoke": "reweighted", "default": "reweighted", "paper": "max"}
+
+
+@pytest.mark.parametrize("score", ["max", "reweighted"])
+def test_export_graph_scores_as_predict_for_either_score(score):
+    """The ONNX scoring graph (traced torch module) follows ``score``: its image scores equal
+    ``predict``'s for the plain maximum and for the Eq. 7 reweighting."""
+    from defectlab.backbones import FeatureExtractor, build_backbone
+    from defectlab.export import scoring_graph, torch_predict
+
+    torch.manual_seed(0)
+    model = APC(APCConfig(backbone="resnet18", weights="random", embed_dim=32, coreset_ratio=0.5, knn_approx=None,
+                          score=score))
+    model.set_extractor(FeatureExtractor(build_backbone("resnet18", "random", seed=0), ["layer2", "layer3"]))
+    model.build_bank(torch.utils.data.DataLoader([{"image": torch.randn(3, 64, 64)} for _ in range(2)], batch_size=2))
+    pre = {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    images = np.random.default_rng(0).random((3, 64, 64, 3), dtype=np.float32)
+    ref_scores, ref_maps = torch_predict(model, images, pre)
+    with torch.no_grad():
+        scores, maps = scoring_graph(model, pre)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps.numpy(), ref_maps, rtol=1e-4, atol=1e-4)
