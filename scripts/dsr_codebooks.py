@@ -1,7 +1,8 @@
 """DSR stage 1 codebook health: the profile's stage-1 settings trained on the demo data with and
 without dead-code restarts (``dead_code_threshold``), reporting per codebook the share of codes
-used and the perplexity (last 10 % of the steps, and on 64 general images after training) and
-the share of live codes Sec. 3.6 may sample (``live_code_share``).
+used and the perplexity (last 10 % of the steps, and on 64 general images after training), the
+share of live codes Sec. 3.6 may sample (``live_code_share``), and the share of Sec. 3.6 draws
+that are dead codes when every code may be drawn (originals drawn by stage-1 usage, λ_s = 0.05).
 
     OMP_NUM_THREADS=1 python scripts/dsr_codebooks.py --profile smoke          # ~2 x 1 min on one core
 """
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from defectlab.config import Params
 from defectlab.data.demo import CATEGORIES, generate_demo
 from defectlab.methods.base import PretrainContext
-from defectlab.methods.dsr import DSR, DSRConfig, live_codes
+from defectlab.methods.dsr import DSR, DSRConfig, codebook_neighbours, live_codes, sample_near_codes
 
 
 def main() -> None:
@@ -49,7 +50,14 @@ def main() -> None:
             row[f"batch perplexity {level}"] = stats[f"stage1_perplexity_{level}"]
             row[f"eval usage {level}"] = stats[f"codebook_usage_{level}"]
             row[f"eval perplexity {level}"] = stats[f"codebook_perplexity_{level}"]
-            row[f"live {level}"] = float(live_codes(tensors[f"vq_{level}.usage"], cfg.live_code_share).float().mean())
+            usage, codebook = tensors[f"vq_{level}.usage"], tensors[f"vq_{level}.codebook"]
+            live = live_codes(usage, cfg.live_code_share)
+            row[f"live {level}"] = float(live.float().mean())
+            originals = torch.multinomial(usage / usage.sum(), 64 * 16 * 16, replacement=True,
+                                          generator=torch.Generator().manual_seed(0)).view(64, 16, 16)
+            drawn, _, _ = sample_near_codes(originals, codebook_neighbours(codebook), cfg.lambda_s,
+                                            torch.Generator().manual_seed(1))
+            row[f"dead draws {level} (all codes)"] = float((~live[drawn]).float().mean())
         rows[name] = row
         print(name, json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
     keys = list(next(iter(rows.values())))
