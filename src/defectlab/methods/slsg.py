@@ -29,8 +29,8 @@ Two networks share one ResNet-18 encoder (Sec. 4.2):
    draw anew with the cache's settings (draw d is the synthesizer's sample d: 3 500 × 4 = 14 000
    distinct images in the paper's schedule, where a 1 000-image cache repeated each ~14 times;
    Sec. 3.2 asks for simulated anomalies "with a wider distribution"); ``cache`` draws with
-   replacement from the cache (smoke: 200 × 2 draws from 32 images). Objective Eq. 11: L_S = α4·focal(γ=4) + α5·ℓ1 + α6·L_aux^S
-   (0.4, 0.6, 0.3), SGD lr 0.04. ``L_aux^S`` (the paper names it without a formula): ℓ2 between
+   replacement from the cache (smoke: 200 × 2 draws from 32 images). Objective Eq. 11:
+   L_S = α4·focal(γ=4) + α5·ℓ1 + α6·L_aux^S (0.4, 0.6, 0.3), SGD lr 0.04. ``L_aux^S`` (the paper names it without a formula): ℓ2 between
    the sigmoid of a 1×1 head on the SG block output and the mask area-averaged to that
    resolution, mirroring ``L_aux^R``. Engineering options for short (smoke) trainings, not in the
    paper: ``freeze_encoder`` (train only SG block + decoder: half the step time, and a few hundred
