@@ -356,3 +356,52 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(grain, tmp_path, monke
     calls.update(n=0, limit=None)
     finetune(tmp_path / "c")
     assert calls["n"] == full                                   # trained from the first epoch
+
+
+@pytest.mark.parametrize("score", ["max", "reweighted"])
+def test_image_score_is_the_plain_maximum_or_patchcores_eq7_reweighting(score, monkeypatch):
+    """A hand-built bank and image: two patches, the larger scoring 1.0. ``max`` (APC Sec. 3)
+    returns 1.0; ``reweighted`` (PatchCore Eq. 7) returns 1.0 · (1 - softmax of the distances to
+    m*'s three bank neighbours)[m*], computed by hand."""
+    model = APC(APCConfig(num_neighbors=3, knn_approx=None, sigma=1.0, score=score))
+    model.bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 0.5]]])                    # (B=1, h·w=2, D=2)
+    scores = torch.tensor([[[1.0, 0.5]]])                               # distances to the nearest entry, m0
+    monkeypatch.setattr(model, "patch_scores", lambda images: (scores, torch.tensor([[0, 0]]), feats))
+    image_scores, maps = model.predict(torch.zeros(1, 3, 8, 8))
+    d = torch.tensor([1.0, 2.0, 17.0 ** 0.5])                            # ‖(1, 0) - m‖ for m0, m1, m2
+    expected = 1.0 if score == "max" else float(1.0 * (1 - d.exp()[0] / d.exp().sum()))
+    assert image_scores.shape == (1,) and image_scores.item() == pytest.approx(expected, abs=1e-6)
+    assert maps.shape == (1, 8, 8)
+
+
+def test_apc_score_is_fit_only_and_the_paper_profile_scores_by_the_maximum():
+    """``score`` is a scoring setting: changing it needs no new fine-tuning; the paper profile uses
+    the plain maximum (APC Sec. 3), the other profiles keep PatchCore's reweighting."""
+    from defectlab.config import Params
+
+    assert "score" not in APC.phase_fields("train")
+    profiles = {p: Params.load(Path(__file__).parents[1] / "params.yaml", profile=p).method("apc", APCConfig).score
+                for p in ("smoke", "default", "paper")}
+    assert profiles == {"smoke": "reweighted", "default": "reweighted", "paper": "max"}
+
+
+@pytest.mark.parametrize("score", ["max", "reweighted"])
+def test_export_graph_scores_as_predict_for_either_score(score):
+    """The ONNX scoring graph (traced torch module) follows ``score``: its image scores equal
+    ``predict``'s for the plain maximum and for the Eq. 7 reweighting."""
+    from defectlab.backbones import FeatureExtractor, build_backbone
+    from defectlab.export import scoring_graph, torch_predict
+
+    torch.manual_seed(0)
+    model = APC(APCConfig(backbone="resnet18", weights="random", embed_dim=32, coreset_ratio=0.5, knn_approx=None,
+                          score=score))
+    model.set_extractor(FeatureExtractor(build_backbone("resnet18", "random", seed=0), ["layer2", "layer3"]))
+    model.build_bank(torch.utils.data.DataLoader([{"image": torch.randn(3, 64, 64)} for _ in range(2)], batch_size=2))
+    pre = {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    images = np.random.default_rng(0).random((3, 64, 64, 3), dtype=np.float32)
+    ref_scores, ref_maps = torch_predict(model, images, pre)
+    with torch.no_grad():
+        scores, maps = scoring_graph(model, pre)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps.numpy(), ref_maps, rtol=1e-4, atol=1e-4)

@@ -353,3 +353,44 @@ def test_benchmark_trains_the_ds2_backbone_at_the_profiles_backbone_settings(tin
         pipeline.benchmark(params, "ds2", tiny_demo, "weave", tmp_path / "out", image_size=64, progress=False)
     assert seen["cfg"] == want
     assert not (tmp_path / "out").exists()                                   # nothing partial left
+
+
+def test_color_aug_jitter_is_the_full_pipeline_without_grayscale_blur_solarize(monkeypatch):
+    """Sec. 4.4(c): ``color_aug: jitter`` keeps colour jitter only. With every augmentation certain
+    (p = 1), ``full`` turns a colourful batch grey; ``jitter`` gives exactly the jitter stage of the
+    full pipeline (same generator, grayscale/blur/solarize at p = 0) and keeps colour; ``none``
+    never calls the colour augmentation; the boolean forms still validate."""
+    import defectlab.methods.ds2 as ds2
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    certain = dict(jitter_p=1.0, grayscale_p=1.0, blur_p=[1.0, 1.0], solarize_p=[0.0, 0.0])
+    full = ds2.color_augment(x, torch.Generator().manual_seed(1), DS2Config(color_aug="full", **certain), 0)
+    assert torch.allclose(full[:, 0], full[:, 1]) and torch.allclose(full[:, 1], full[:, 2])    # grayscale applied
+    jitter = ds2.color_augment(x, torch.Generator().manual_seed(1), DS2Config(color_aug="jitter", **certain), 0)
+    jitter_stage = ds2.color_augment(x, torch.Generator().manual_seed(1),
+                                     DS2Config(color_aug="full", jitter_p=1.0, grayscale_p=0.0, blur_p=[0.0, 0.0],
+                                               solarize_p=[0.0, 0.0]), 0)
+    assert torch.equal(jitter, jitter_stage)
+    assert not torch.allclose(jitter, x, atol=1e-3)                                     # the jitter itself ran
+    assert (jitter[:, 0] - jitter[:, 1]).abs().mean() > 0.05                            # still in colour
+
+    def forbidden(*a, **kw):
+        raise AssertionError("color_augment called with color_aug: none")
+
+    monkeypatch.setattr(ds2, "color_augment", forbidden)
+    views, _ = ds2.make_batch_views(x, torch.Generator().manual_seed(2), DS2Config(color_aug="none", crop_size=8))
+    assert views[0].shape == (4, 3, 8, 8)
+    assert DS2Config(color_aug=True).color_aug == "full" and DS2Config(color_aug=False).color_aug == "none"
+    with pytest.raises(ValueError, match="color_aug"):
+        DS2Config(color_aug="light")
+
+
+def test_paper_profile_uses_jitter_only_colour_augmentation():
+    """params.yaml: backbone.ds2.paper follows Sec. 4.4(c) (jitter only); smoke/default keep PixPro's set."""
+    from pathlib import Path
+
+    from defectlab.config import Params
+
+    got = {p: Params.load(Path(__file__).parents[1] / "params.yaml", profile=p).section("backbone", "ds2", DS2Config).color_aug
+           for p in ("smoke", "default", "paper")}
+    assert got == {"smoke": "full", "default": "full", "paper": "jitter"}

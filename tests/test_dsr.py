@@ -538,3 +538,78 @@ def test_detects_planted_defects_above_chance(tiny_demo, tmp_path):
     m = compute_all(out["labels"], out["scores"], out["masks"], out["maps"])
     assert m["image_auroc"] > 0.75, m
     assert m["pixel_auroc"] > 0.85, m
+
+
+# ---- codebook health: usage / perplexity, dead codes never sampled ---------------------------
+def test_code_statistics_match_hand_computed_usage_and_perplexity():
+    from defectlab.methods.dsr import code_statistics
+
+    assert code_statistics(torch.tensor([0, 0, 1, 1]), 4) == pytest.approx((0.5, 2.0))
+    assert code_statistics(torch.tensor([[3, 3], [3, 3]]), 4) == pytest.approx((0.25, 1.0))     # collapse: 1
+    assert code_statistics(torch.arange(8) % 4, 4) == pytest.approx((1.0, 4.0))                  # uniform: K
+    p = torch.tensor([3.0, 1.0]) / 4                                                              # 3:1 split
+    assert code_statistics(torch.tensor([0, 0, 0, 2]), 4)[1] == pytest.approx(float((-(p * p.log()).sum()).exp()))
+
+
+def test_collapsed_codebook_dead_codes_are_never_sampled():
+    """A collapsed codebook: 8 of 64 codes carry all the stage-1 usage. The table over every code
+    (the former sampler) draws dead codes for most replacements; the table over live codes draws
+    only live codes, never the original, and equals the full table when no code is dead."""
+    from defectlab.methods.dsr import live_codes
+
+    gen = torch.Generator().manual_seed(0)
+    cb = torch.randn(64, 3, generator=gen)
+    usage = torch.zeros(64)
+    alive = torch.randperm(64, generator=gen)[:8]
+    usage[alive] = 50.0
+    usage[0 if 0 not in alive else 1] = 1e-3                      # a nearly-dead code: below 1 % of a uniform share
+    live = live_codes(usage, 0.01)
+    assert int(live.sum()) == 8 and live[alive].all()
+    indices = alive[torch.randint(8, (32, 6, 6), generator=gen)]  # the images use live codes
+    old, _, _ = sample_near_codes(indices, codebook_neighbours(cb), 0.05, torch.Generator().manual_seed(1))
+    assert (~live[old]).float().mean() > 0.5                      # most draws are dead codes
+    new, _, _ = sample_near_codes(indices, codebook_neighbours(cb, live), 0.05, torch.Generator().manual_seed(1))
+    assert live[new].all() and (new != indices).all()
+    # a dead original code is replaced by a live one too
+    dead_row = codebook_neighbours(cb, live)[(~live).nonzero()[0, 0]]
+    assert live[dead_row.long()].all() and dead_row.numel() == 8
+    assert torch.equal(codebook_neighbours(cb, torch.ones(64, dtype=torch.bool)), codebook_neighbours(cb))
+    assert live_codes(usage, 0.0).all()
+
+
+def test_stage2_sampling_tables_report_codebook_health_and_refuse_a_collapsed_codebook():
+    cfg = DSRConfig(**TINY)
+    model = DSR(cfg, CPU)
+    torch.manual_seed(0)
+    model.net = DSRNet(cfg, upsampler=False).eval()
+    images = torch.rand(3, 3, 64, 64)
+    for layer in (model.net.vq.vq_lo, model.net.vq.vq_hi):
+        layer.usage.fill_(1.0)
+    tables, stats = model.sampling_tables(images, "vq.safetensors")
+    assert torch.equal(tables["lo"], codebook_neighbours(model.net.vq.vq_lo.codebook))       # nothing dead
+    assert stats["stage2_live_codes_lo"] == 1.0 and 0 < stats["stage2_codebook_usage_hi"] <= 1
+    assert 1.0 <= stats["stage2_perplexity_lo"] <= 32
+    model.net.vq.vq_hi.usage[4:] = 0.0                            # K_hi: 4 live codes of 32
+    tables, stats = model.sampling_tables(images, "vq.safetensors")
+    assert tables["hi"].shape == (32, 4) and stats["stage2_live_codes_hi"] == 4 / 32
+    model.net.vq.vq_hi.usage[1:] = 0.0                            # 1 live code: nothing left to sample
+    with pytest.raises(ConfigError, match="vq.safetensors: codebook K_hi has collapsed: 1 of 32"):
+        model.sampling_tables(images, "vq.safetensors")
+
+
+def test_stage1_logs_codebook_usage_and_perplexity(demo64, tmp_path):
+    """Stage 1 sends per-step usage and perplexity curves of both codebooks to the step log and
+    reports them (last 10 % of the steps, and on held images) in its stats / vq.json."""
+    from defectlab import steplog
+
+    curves: dict[str, list[float]] = {}
+    with steplog.sink(lambda name, value, step: curves.setdefault(name, []).append(value)):
+        stats = DSR.pretrain(DSRConfig(**{**TINY, "stage1_iters": 4}),
+                             PretrainContext(dataset="demo", data_root=demo64, categories=["grain"], out_dir=tmp_path,
+                                             image_size=64, seed=0, device=CPU, progress=False))
+    for level in ("lo", "hi"):
+        assert len(curves[f"codebook/dsr_stage1_perplexity_{level}"]) == 4
+        assert all(0 < u <= 1 for u in curves[f"codebook/dsr_stage1_usage_{level}"])
+        assert 1.0 <= stats[f"stage1_perplexity_{level}"] <= 32 and 0 < stats[f"codebook_usage_{level}"] <= 1
+        assert 1.0 <= stats[f"codebook_perplexity_{level}"] <= 32
+    assert json.loads((tmp_path / "vq.json").read_text())["stats"]["stage1_usage_lo"] == stats["stage1_usage_lo"]

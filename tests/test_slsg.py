@@ -453,3 +453,56 @@ def test_recalibrate_encoder_bn_uses_normal_images(demo):
         pre_bn = model.net.encoder.conv1(x)
     torch.testing.assert_close(model.net.encoder.bn1.running_mean, pre_bn.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.equal(model.net.encoder.conv1.weight, w) and not model.net.encoder.training
+
+
+# ----------------------------------------------------------------------------- online synthesis
+def test_online_synthesis_is_the_caches_stream_and_never_repeats(demo, tmp_path):
+    """Sample k simulated online equals the cache's image k (same settings, read from its
+    params.json); the stream goes on past the cache with new images only; a cache made from other
+    normal images is refused, naming its params.json."""
+    from defectlab.data import scan_category
+    from defectlab.errors import DatasetError
+    from defectlab.synthesis.cache import OnlineSynthDataset, SynthDataset, Synthesizer, build_cache
+
+    paths = [s.path for s in scan_category(demo, "board").train]
+    build_cache(paths, tmp_path / "c", n=4, seed=3, image_size=SIZE, kinds={"structural": 0.5, "logical": 0.5},
+                object_kind="object")
+    cached = SynthDataset(tmp_path / "c", SIZE)
+    online = OnlineSynthDataset(Synthesizer.like_cache(tmp_path / "c", paths), SIZE, n=12)
+    for k in range(4):
+        assert torch.equal(online[k]["image"], cached[k]["image"]) and torch.equal(online[k]["mask"], cached[k]["mask"])
+    images = torch.stack([online[k]["image"] for k in range(12)]).flatten(1)
+    assert torch.cdist(images, images).add(torch.eye(12) * 1e9).min() > 1.0          # 12 different images
+    with pytest.raises(DatasetError, match="params.json"):
+        Synthesizer.like_cache(tmp_path / "c", paths[1:])
+
+
+@pytest.mark.parametrize("synthesis", ["online", "cache"])
+def test_segnet_run_draws_no_simulated_image_twice_online(synthesis, demo, tmp_path, monkeypatch):
+    """A SegNet run of 4 steps x 2 simulated images with a 3-image cache: online, the 8 draws are 8
+    different images (none seen twice); from the cache they must repeat, and the stats say so."""
+    from defectlab.data import scan_category
+    from defectlab.methods import slsg as slsg_module
+    from defectlab.synthesis.cache import build_cache
+
+    data = scan_category(demo, "grain")
+    build_cache([s.path for s in data.train], tmp_path / "synth", n=3, seed=0, image_size=SIZE,
+                kinds={"structural": 0.5, "logical": 0.5}, object_kind="texture")
+    seen = []
+    real_losses = slsg_module.segnet_losses
+
+    def spy(logits, aux, mask, cfg):
+        seen.append(mask[cfg.n_normal:].flatten(1).clone())        # the simulated images' masks, in draw order
+        return real_losses(logits, aux, mask, cfg)
+
+    monkeypatch.setattr(slsg_module, "segnet_losses", spy)
+    cfg = SLSGConfig(**{**TRAIN_CFG, "seg_iters": 4, "n_normal": 1, "n_anomalous": 2, "synthesis": synthesis,
+                        "recalibrate_bn": False})
+    stats = SLSG(cfg).train(_ctx(data, None, synth_dir=tmp_path / "synth", work_dir=tmp_path / "work"))
+    masks = torch.cat(seen)
+    distinct = len({tuple(m.nonzero()[:, 0].tolist()) for m in masks})
+    assert stats["synthetic_draws"] == 8 == masks.shape[0]
+    if synthesis == "online":
+        assert distinct == 8 and stats["synthetic_distinct"] == 8
+    else:
+        assert distinct <= 3 and stats["synthetic_distinct"] <= 3

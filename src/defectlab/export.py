@@ -298,6 +298,7 @@ class PatchCoreGraph(_BackboneGraph):
         self.register_buffer("bank_t", bank.T.contiguous())      # (D, N)
         self.register_buffer("bank_sq", (bank * bank).sum(1))    # (N,)
         self.k = min(cfg.num_neighbors, bank.shape[0])
+        self.reweighted = getattr(cfg, "score", "reweighted") == "reweighted"   # APC's ``score: max`` skips Eq. 7
         self.smooth = SmoothedMap(size, cfg.sigma)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +339,7 @@ class PatchCoreGraph(_BackboneGraph):
         s_star = scores.gather(1, best)[:, 0]
         test_patch = q.gather(1, best[:, :, None].expand(-1, 1, q.shape[-1]))[:, 0]
         nearest = nn_idx.gather(1, best)[:, 0]
-        image_score = s_star * self.reweight(test_patch, nearest)
+        image_score = s_star * self.reweight(test_patch, nearest) if self.reweighted else s_star
         maps = self.smooth(scores.reshape(-1, self.h, self.w))
         return image_score, maps
 

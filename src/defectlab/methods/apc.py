@@ -40,8 +40,12 @@ category's normal training images and a few (N = 10 in the paper) labelled anoma
 4. **Detection** (Sec. 4.2): the decoder is dropped; the fine-tuned encoder becomes
    PatchCore's feature extractor and everything else *is* ``PatchCore`` (this class subclasses
    it): 3×3 local aggregation of layer2+layer3, coreset-subsampled memory bank of normal
-   training patches, nearest-neighbour patch scores, image score = max patch score
-   (with PatchCore's Eq. 7 reweighting), Gaussian-smoothed upsampled maps.
+   training patches, nearest-neighbour patch scores, Gaussian-smoothed upsampled maps. Image
+   score (``score``): ``max``, the plain maximum of the patch scores, as APC's text states
+   (Sec. 3: "the overall image score is the maximum anomaly score among the patches"; Sec. 4.2:
+   inference "analogous to PatchCore"), or ``reweighted``, PatchCore's Eq. 7 reweighting of that
+   maximum (the smoke/default profiles, and the Config default so models saved before the
+   option score as before).
 
 Initialisation: ``weights`` (random | imagenet | ds2 | a file) — MoCo v3 in the paper (a file:
 the converted official checkpoint, README "Paper profile: external resources"); anything else is
@@ -80,7 +84,7 @@ from defectlab.resume import Checkpoint, image_files
 from defectlab.steplog import log_step
 from defectlab.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, load_image, load_mask
 from defectlab.errors import ConfigError
-from defectlab.memory import gaussian_blur
+from defectlab.memory import gaussian_blur, patch_scores_to_maps
 from defectlab.methods.base import FitContext
 from defectlab.methods.patchcore import PatchCore, PatchCoreConfig
 from defectlab.synthesis import paste_region
@@ -115,6 +119,10 @@ class APCConfig(PatchCoreConfig):
                                                               "real anomaly region onto a normal image")
     jitter: float = Field(0.1, ge=0, le=1, description="brightness/contrast jitter; also the pasted-region colour jitter")
     flip_textures: bool = True
+    # scoring (Sec. 3 / 4.2)
+    score: Literal["max", "reweighted"] = Field(
+        "reweighted", description="image score: max = the largest patch score (APC's text, Sec. 3); "
+                                  "reweighted = PatchCore's Eq. 7 weight times it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ class APC(PatchCore):
     #: fine-tuning does not read PatchCore's patch-aggregation, coreset, bank and scoring settings
     TRAIN_IGNORES = frozenset({"patch_size", "embed_dim", "coreset_ratio", "coreset_proj_dim", "coreset_batch",
                                "coreset_precision", "max_bank_ram_mb", "num_neighbors", "sigma", "batch_size",
-                               "knn_backend", "knn_approx", "knn_rescore"})
+                               "knn_backend", "knn_approx", "knn_rescore", "score"})
 
     # -- labelled pool ---------------------------------------------------------------------
     def labelled_anomalies(self, ctx: FitContext) -> list:
@@ -458,3 +466,14 @@ class APC(PatchCore):
         ``exclude_from_eval``), then build PatchCore's bank of the *normal training* patches."""
         self.load_trained(ctx.train_dir)
         return super().fit(ctx)   # PatchCore.fit: the extractor is set, so only the bank is built
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PatchCore's maps; the image score per ``score``: the largest patch score (``max``,
+        APC Sec. 3) or PatchCore's Eq. 7 reweighting of it (``reweighted``)."""
+        if self.config.score == "reweighted":
+            return super().predict(images)
+        scores, _, _ = self.patch_scores(images)
+        maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
+        return scores.flatten(1).amax(1), maps

@@ -6,8 +6,12 @@ Pretraining (``DS2.pretrain``, dataset level, Sec. 3 and Algorithm 1)
 --------------------------------------------------------------------
 Every normal training image x gives two views t(x), t'(x): random resized crops (whose boxes in
 x are recorded, so each feature cell's centre is known in x's coordinates), horizontal flips
-and, unless ``color_aug`` is off, BYOL/PixPro colour augmentation (jitter, grayscale, blur,
-solarize). Two branches see the views:
+and colour augmentation per ``color_aug``: ``full`` is PixPro/BYOL's set (colour jitter,
+grayscale, blur, solarize); ``jitter`` keeps colour jitter only — Sec. 4.4(c): "color jitter is
+essential for good performance, and in general, using fewer color augmentation gives better
+result" (the per-combination table is in the supplementary, not in the paper); ``none`` is
+geometric augmentation only (``true`` / ``false`` mean ``full`` / ``none``). Two branches see the
+views:
 
 * online:   backbone f -> per-scale projector g_s (1x1 conv, BN, ReLU, 1x1 conv) -> the pixel
             propagation module PPM (self-attention over the projected map, shared by the scales:
@@ -62,6 +66,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
 from defectlab.backbones import (FeatureExtractor, build_backbone, extractor_from_state, extractor_state,
@@ -99,7 +104,9 @@ class DS2Config(StrictModel):
     load_size: int | None = None          # images are resized to this before cropping (None: image_size)
     crop_size: int = 224
     min_scale: float = 0.08
-    color_aug: bool = True                # off: geometric augmentation only (crop + flip)
+    #: full: jitter + grayscale + blur + solarize (PixPro/BYOL); jitter: colour jitter only (Sec. 4.4(c):
+    #: fewer colour augmentations work better, jitter is essential); none: crop + flip only
+    color_aug: Literal["full", "jitter", "none"] = "full"
     jitter: list[float] = [0.4, 0.4, 0.2, 0.1]   # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -117,6 +124,12 @@ class DS2Config(StrictModel):
     fit_batch_size: int = 8
     patch_batch: int = 512
     max_fit_patches: int | None = None    # random subset of training patches for the Gaussian (None: all)
+
+    @field_validator("color_aug", mode="before")
+    @classmethod
+    def _color_aug_bool(cls, value):
+        """``true`` / ``false`` (the earlier boolean form) mean ``full`` / ``none``."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 # =============================================================================================
@@ -153,7 +166,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def color_augment(x: torch.Tensor, gen: torch.Generator, cfg: DS2Config, view: int) -> torch.Tensor:
-    """BYOL/PixPro photometric augmentation of a batch in [0, 1] (per-sample random factors)."""
+    """Photometric augmentation of a batch in [0, 1] (per-sample random factors): colour jitter,
+    then, with ``color_aug: full``, BYOL/PixPro's grayscale, blur and solarize."""
     import torchvision.transforms.v2.functional as TF
 
     b = x.shape[0]
@@ -176,6 +190,8 @@ def color_augment(x: torch.Tensor, gen: torch.Generator, cfg: DS2Config, view: i
         hue = torch.empty(b).uniform_(-hu, hu, generator=gen)
         y = torch.stack([TF.adjust_hue(y[i], float(hue[i])) for i in range(b)])
     x = torch.where(jit, y, x)
+    if cfg.color_aug == "jitter":
+        return x.clamp(0, 1)
     x = torch.where(coin(cfg.grayscale_p), _gray(x).expand_as(x), x)
     blur = torch.rand(b, generator=gen) < cfg.blur_p[view]
     sig = torch.empty(b).uniform_(0.1, 2.0, generator=gen)
@@ -406,7 +422,7 @@ def make_batch_views(images: torch.Tensor, gen: torch.Generator, cfg: DS2Config)
         boxes = sample_boxes(b, gen, cfg.min_scale)
         flips = torch.rand(b, generator=gen) < 0.5
         x = crop_views(images, boxes, flips, cfg.crop_size)
-        if cfg.color_aug:
+        if cfg.color_aug != "none":
             x = color_augment(x, gen, cfg, view)
         views.append(normalize(x))
         geos.append((boxes.to(images.device), flips.to(images.device)))

@@ -20,11 +20,16 @@ Training has three stages (Sec. 3.7), one per DVC stage:
    procedural textures) with the VQ-VAE loss of Eq. 2: reconstruction + codebook +
    λ1·commitment, with straight-through gradients. The codebooks are updated by that loss
    (``codebook_update: loss``, as Eq. 2 says) or by exponential moving averages (``ema``, as
-   the authors' code). Output: ``vq.safetensors`` + ``vq.json``.
+   the authors' code). Each step logs, per codebook, the share of codes the batch uses and the
+   perplexity of its assignments (:func:`code_statistics`). Output: ``vq.safetensors`` (with
+   each code's usage, a moving average of assignments per step) + ``vq.json``.
 2. ``train`` (DVC `train`, per category), stage 2: with stage 1 frozen (read from
    ``ctx.pretrain_dir``), anomalies are generated *in feature space* (Sec. 3.6): inside a
    Perlin mask the quantized features are replaced by codebook vectors near, but not at, the
-   original (:func:`sample_near_codes`). Restriction modules, object decoder and detection
+   original (:func:`sample_near_codes`), drawn among the codes stage 1 left live
+   (``live_code_share``: a dead code lies outside the learnt subspace, so drawing it would not
+   make a near-in-distribution anomaly; the paper leaves this open, the authors' release samples
+   every code). Restriction modules, object decoder and detection
    module are trained with Eq. 3: focal(M_gt, M) + λ2·L2(F̃, Q) + λ3·L2(I, I_spc), with Q and I
    the anomaly-free features and image. ``trained_tensors`` = the frozen stage-1 weights it was
    trained on plus the stage-2 modules (everything but the upsampling module), so stage 3
@@ -125,6 +130,10 @@ class DSRConfig(StrictModel):
     stage2_lr: float = Field(2e-4, gt=0)
     stage2_lr_drop_at: int = Field(80_000, ge=0, description="iteration after which the lr is divided by 10")
     lambda_s: float = Field(0.05, ge=0, lt=1, description="similarity bound: the λ_s·K nearest codes are never sampled")
+    live_code_share: float = Field(
+        0.01, ge=0, lt=1, description="Sec. 3.6 samples replacement codes among live codes only: codes whose stage-1 "
+                                      "usage (moving average of assignments per step) is at least this share of a "
+                                      "uniform code's; 0: every code, dead ones included")
     lambda_feat: float = Field(1.0, ge=0, description="λ2 in Eq. 3")
     lambda_img: float = Field(10.0, ge=0, description="λ3 in Eq. 3")
     focal_gamma: float = Field(2.0, ge=0)
@@ -227,17 +236,42 @@ class VectorQuantizer(nn.Module):
                     self.ema_sum[dead] = worst * self.dead_threshold
 
 
-def codebook_neighbours(codebook: torch.Tensor) -> torch.Tensor:
-    """(K, K) int32 table: row i lists all code indices by increasing distance from code i.
+def codebook_neighbours(codebook: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, L) int32 table: row i lists the L live code indices (all K when ``live`` is None) by
+    increasing distance from code i.
 
-    Code i itself is always at rank 0 (its own distance is forced below every other, so
-    duplicated codebook vectors cannot push it out of rank 0): ``sample_near_codes`` relies on
-    that to exclude the original code."""
+    A live code i is always at rank 0 of its own row (its own distance is forced below every
+    other, so duplicated codebook vectors cannot push it out of rank 0): ``sample_near_codes``
+    relies on that to exclude the original code. A dead code's row holds live codes only (its
+    rank 0 is its nearest live code, which the similarity bound excludes as well), so no row
+    ever offers a dead code."""
     cb = codebook.detach().float()
     sq = (cb * cb).sum(1)
     d = (sq[:, None] - 2 * cb @ cb.T + sq[None]).clamp_min_(0)
     d.fill_diagonal_(-1.0)
-    return torch.argsort(d, dim=1, stable=True).to(torch.int32)
+    if live is None:
+        return torch.argsort(d, dim=1, stable=True).to(torch.int32)
+    live = live.to(d.device)
+    d[:, ~live] = float("inf")
+    return torch.argsort(d, dim=1, stable=True)[:, :int(live.sum())].to(torch.int32)
+
+
+def live_codes(usage: torch.Tensor, share: float) -> torch.Tensor:
+    """(K,) bool: codes whose usage (a codebook's moving average of assignments per step) is at
+    least ``share`` of a uniform code's (``usage.sum() / K``); all True when ``share`` is 0."""
+    if share <= 0:
+        return torch.ones_like(usage, dtype=torch.bool)
+    return usage >= share * usage.sum() / usage.numel()
+
+
+def code_statistics(indices: torch.Tensor, size: int) -> tuple[float, float]:
+    """(usage, perplexity) of a batch of code assignments: the share of the ``size`` codes used at
+    least once, and exp(entropy) of the assignment frequencies (the authors' release reports the
+    latter per batch: 1 when one code takes everything, ``size`` when all are used equally)."""
+    counts = torch.bincount(indices.reshape(-1), minlength=size).float()
+    p = counts / counts.sum().clamp_min(1.0)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    return float((counts > 0).float().mean()), float(entropy.exp())
 
 
 def sample_near_codes(indices: torch.Tensor, neighbours: torch.Tensor, lambda_s: float,
@@ -248,10 +282,12 @@ def sample_near_codes(indices: torch.Tensor, neighbours: torch.Tensor, lambda_s:
     among the codebook vectors ordered by distance to the feature's own code (rank 0 = the code
     itself). So the ⌈λ_s·K⌉ nearest vectors (at least the code itself) are never drawn — they
     would make invisible "anomalies" — and ranks close to the code are preferred, giving
-    near-in-distribution anomalies. Returns (new indices (B, h, w), ranks (B, h, w), n (B,)).
+    near-in-distribution anomalies. K is the number of codes a row of ``neighbours`` offers:
+    with a table restricted to live codes (:func:`codebook_neighbours`), dead codes are never
+    drawn. Returns (new indices (B, h, w), ranks (B, h, w), n (B,)).
     """
     b, h, w = indices.shape
-    size = neighbours.shape[0]
+    size = neighbours.shape[1]          # N_K: the codes a row offers (the live ones)
     low = max(1, math.ceil(lambda_s * size))
     if low >= size:
         raise ConfigError(f"lambda_s={lambda_s} leaves no codebook vector to sample from {size}")
@@ -332,7 +368,10 @@ class QuantizedAutoencoder(nn.Module):
         recon = F.mse_loss(self.decode(enc.lo.quantized, enc.hi.quantized), images)
         codebook = enc.lo.codebook_loss + enc.hi.codebook_loss
         commit = enc.lo.commitment_loss + enc.hi.commitment_loss
-        return recon + codebook + commitment * commit, {"recon": recon.item(), "commit": commit.item()}
+        logs = {"recon": recon.item(), "commit": commit.item()}
+        for level, out in (("lo", enc.lo), ("hi", enc.hi)):
+            logs[f"usage_{level}"], logs[f"perplexity_{level}"] = code_statistics(out.indices, self.vq_lo.codebook.shape[0])
+        return recon + codebook + commitment * commit, logs
 
 
 def build_vq(cfg: DSRConfig) -> QuantizedAutoencoder:
@@ -617,7 +656,10 @@ class DSR(AnomalyMethod):
             return iter(DataLoader(images, batch_sampler=sampler, num_workers=cfg.num_workers))
 
         def step_loss(step: int, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            return vq.loss(batch.to(ctx.device), cfg.commitment)
+            loss, logs = vq.loss(batch.to(ctx.device), cfg.commitment)
+            for key in ("usage_lo", "usage_hi", "perplexity_lo", "perplexity_hi"):   # per-batch codebook health
+                log_step(f"codebook/dsr_stage1_{key}", logs[key], step, cfg.stage1_iters)
+            return loss, logs
 
         t0 = time.perf_counter()
         stats = train_loop(vq, [p for p in vq.parameters() if p.requires_grad], step_loss, batches,
@@ -715,8 +757,7 @@ class DSR(AnomalyMethod):
         modules = self.net.object_modules()
         cfg = self.config
         images = load_train_images(ctx)
-        neighbours = {"lo": codebook_neighbours(self.net.vq.vq_lo.codebook),
-                      "hi": codebook_neighbours(self.net.vq.vq_hi.codebook)}
+        neighbours, code_stats = self.sampling_tables(images, Path(ctx.pretrain_dir) / "vq.safetensors")
         n_real = 0 if real_images is None else real_images.shape[0]
 
         def batches(start: int) -> Iterator[Stage2Batch]:
@@ -743,7 +784,37 @@ class DSR(AnomalyMethod):
                            lr_at=lambda step: cfg.stage2_lr * (0.1 if step >= cfg.stage2_lr_drop_at else 1.0),
                            checkpoint=checkpoint, every=cfg.checkpoint_every, desc="stage2", progress=ctx.progress)
         modules.eval()
-        return stats
+        return {**stats, **code_stats}
+
+    @torch.no_grad()
+    def sampling_tables(self, images: torch.Tensor, source: Any = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Sec. 3.6's neighbour tables over the live codes of each frozen codebook
+        (:func:`live_codes`: a code the stage-1 training stopped assigning lies outside the learnt
+        subspace of natural images, so drawing it would make an out-of-distribution anomaly),
+        and the codebook statistics stage 2 reports: the share of live codes and the usage and
+        perplexity of the codes the category's training images (``images``) are assigned.
+        Raises ConfigError when a codebook has too few live codes to sample from (collapse)."""
+        cfg, vq = self.config, self.net.vq
+        neighbours, stats = {}, {}
+        enc = [vq.encode(chunk) for chunk in images.split(16)]
+        for level, layer in (("lo", vq.vq_lo), ("hi", vq.vq_hi)):
+            size = layer.codebook.shape[0]
+            if cfg.live_code_share > 0 and not float(layer.usage.sum()) > 0:
+                raise ConfigError(f"{source}: the K_{level} codebook records no usage (all-zero `usage` buffer); "
+                                  "rerun the pretrain stage or set methods.dsr.live_code_share: 0")
+            live = live_codes(layer.usage, cfg.live_code_share)
+            n_live = int(live.sum())
+            if n_live - max(1, math.ceil(cfg.lambda_s * n_live)) < 1:
+                raise ConfigError(f"{source}: codebook K_{level} has collapsed: {n_live} of {size} codes are live "
+                                  f"(live_code_share={cfg.live_code_share}), too few to sample feature-space anomalies "
+                                  f"beyond the λ_s bound; retrain stage 1 with dead_code_threshold > 0 or "
+                                  "codebook_update: ema")
+            neighbours[level] = codebook_neighbours(layer.codebook, None if n_live == size else live)
+            used = torch.cat([getattr(e, level).indices.reshape(-1) for e in enc])
+            usage, perplexity = code_statistics(used, size)
+            stats.update({f"stage2_live_codes_{level}": n_live / size, f"stage2_codebook_usage_{level}": usage,
+                          f"stage2_perplexity_{level}": perplexity})
+        return neighbours, stats
 
     @torch.no_grad()
     def feature_anomalies(self, batch: Stage2Batch, neighbours: dict[str, torch.Tensor]
@@ -915,11 +986,14 @@ def per_image_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def codebook_usage(vq: QuantizedAutoencoder, images: GeneralImages, device: torch.device, n: int = 64) -> dict:
-    """Share of each codebook's vectors used on (up to) ``n`` images, and their reconstruction MSE."""
+    """Share of each codebook's vectors used on (up to) ``n`` images, the perplexity of those
+    assignments, and the images' reconstruction MSE."""
     idx = np.linspace(0, len(images) - 1, num=min(n, len(images))).astype(int)
     x = torch.stack([images[int(i)] for i in idx]).to(device)
     enc = vq.encode(x)
     size = vq.vq_lo.codebook.shape[0]
     recon = F.mse_loss(vq.decode(enc.lo.quantized, enc.hi.quantized), x).item()
-    return {"codebook_usage_lo": enc.lo.indices.unique().numel() / size,
-            "codebook_usage_hi": enc.hi.indices.unique().numel() / size, "stage1_eval_mse": recon}
+    stats = {"stage1_eval_mse": recon}
+    for level, out in (("lo", enc.lo), ("hi", enc.hi)):
+        stats[f"codebook_usage_{level}"], stats[f"codebook_perplexity_{level}"] = code_statistics(out.indices, size)
+    return stats

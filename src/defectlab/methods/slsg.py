@@ -25,8 +25,12 @@ Two networks share one ResNet-18 encoder (Sec. 4.2):
    ``n_anomalous`` simulated anomalies from the shared synthesis cache (structural: Perlin ∧
    foreground masks filled from textures or the image's own permuted patches; logical: another
    normal image, rotated, through concentrated masks; transparency δ, Eq. 1 — see
-   ``defectlab.synthesis``). Objective Eq. 11: L_S = α4·focal(γ=4) + α5·ℓ1 + α6·L_aux^S
-   (0.4, 0.6, 0.3), SGD lr 0.04. ``L_aux^S`` (the paper names it without a formula): ℓ2 between
+   ``defectlab.synthesis``). ``synthesis: online`` (default and paper profiles) simulates every
+   draw anew with the cache's settings (draw d is the synthesizer's sample d: 3 500 × 4 = 14 000
+   distinct images in the paper's schedule, where a 1 000-image cache repeated each ~14 times;
+   Sec. 3.2 asks for simulated anomalies "with a wider distribution"); ``cache`` draws with
+   replacement from the cache (smoke: 200 × 2 draws from 32 images). Objective Eq. 11:
+   L_S = α4·focal(γ=4) + α5·ℓ1 + α6·L_aux^S (0.4, 0.6, 0.3), SGD lr 0.04. ``L_aux^S`` (the paper names it without a formula): ℓ2 between
    the sigmoid of a 1×1 head on the SG block output and the mask area-averaged to that
    resolution, mirroring ``L_aux^R``. Engineering options for short (smoke) trainings, not in the
    paper: ``freeze_encoder`` (train only SG block + decoder: half the step time, and a few hundred
@@ -147,6 +151,12 @@ class SLSGConfig(StrictModel):
     alpha_focal: float = Field(0.4, ge=0, description="α4 (Eq. 11)")
     alpha_l1: float = Field(0.6, ge=0, description="α5 (Eq. 11)")
     alpha_aux_s: float = Field(0.3, ge=0, description="α6 (Eq. 11)")
+    # -- simulated anomalies (Sec. 3.2) ---------------------------------------------------------
+    synthesis: Literal["cache", "online"] = Field(
+        "cache", description="cache: draw (with replacement) from the synthesize stage's cache; online: simulate "
+                             "every draw anew with the cache's settings, so no simulated image repeats")
+    synth_workers: int = Field(0, ge=0, description="DataLoader workers simulating the online draws ahead of the "
+                                                    "training step (0: in the training loop)")
     # -- synthesis fallback (when the pipeline gives no synthesis cache) ------------------------
     synth_n: int = Field(64, ge=2, description="anomalies simulated in a temp cache when ctx.synth_dir is None")
     synth_structural: float = Field(0.5, ge=0, le=1, description="share of structural (vs logical) simulations")
@@ -528,7 +538,7 @@ class SLSG(AnomalyMethod):
         the GPT-Net encoder of ``ctx.pretrain_dir``."""
         from tqdm.auto import tqdm
 
-        from defectlab.synthesis.cache import SynthDataset, build_cache
+        from defectlab.synthesis.cache import OnlineSynthDataset, SynthDataset, Synthesizer, build_cache
 
         cfg, device = self.config, ctx.device
         self.device = torch.device(device)
@@ -545,18 +555,26 @@ class SLSG(AnomalyMethod):
 
         tmp_dir = None
         synth_dir = ctx.synth_dir
-        if synth_dir is None:   # no cache from the synthesize stage: simulate a small one now
+        train_paths = [s.path for s in ctx.data.train]
+        kinds = {"structural": cfg.synth_structural, "logical": 1 - cfg.synth_structural}
+        fallback = dict(seed=ctx.seed, image_size=ctx.image_size, kinds={k: v for k, v in kinds.items() if v > 0},
+                        object_kind=ctx.extra.get("object_kind", "object"))
+        if synth_dir is None and cfg.synthesis == "cache":   # no cache from the synthesize stage: simulate one now
             tmp_dir = tempfile.TemporaryDirectory(prefix="slsg-synth-")
             synth_dir = Path(tmp_dir.name) / "cache"
-            kinds = {"structural": cfg.synth_structural, "logical": 1 - cfg.synth_structural}
-            build_cache([s.path for s in ctx.data.train], synth_dir, n=cfg.synth_n, seed=ctx.seed,
-                        image_size=ctx.image_size, kinds={k: v for k, v in kinds.items() if v > 0},
-                        object_kind=ctx.extra.get("object_kind", "object"))
+            build_cache(train_paths, synth_dir, n=cfg.synth_n, **fallback)
         try:
             normal = ImageDataset(ctx.data.train, ctx.image_size)
-            synth = SynthDataset(synth_dir, ctx.image_size)
-            # procedural textures / whole-image foregrounds of the cache it trains on
-            self.meta["substitutions"] = merge(self.meta.get("substitutions"), synthesis_records(synth_dir))
+            if cfg.synthesis == "online":   # the synthesize stage's settings (or the fallback's), every draw new
+                simulator = (Synthesizer.like_cache(synth_dir, train_paths) if synth_dir is not None
+                             else Synthesizer(train_paths, **fallback))
+                synth = OnlineSynthDataset(simulator, ctx.image_size, n=cfg.seg_iters * cfg.n_anomalous)
+                records = simulator.substitutions(ctx.category)
+            else:
+                synth = SynthDataset(synth_dir, ctx.image_size)
+                records = synthesis_records(synth_dir)
+            # procedural textures / whole-image foregrounds of the samples it trains on
+            self.meta["substitutions"] = merge(self.meta.get("substitutions"), records)
             if len(synth) == 0:
                 raise ConfigError(f"{synth_dir}: synthesis cache is empty")
             if cfg.recalibrate_bn:
@@ -601,8 +619,8 @@ class SLSG(AnomalyMethod):
                                   "sg_skip_channels", "seg_iters", "n_normal", "n_anomalous", "optimizer", "seg_lr",
                                   "momentum", "weight_decay", "grad_clip", "freeze_encoder", "recalibrate_bn",
                                   "focal_gamma", "alpha_focal", "alpha_l1", "alpha_aux_s", "synth_n",
-                                  "synth_structural"}) | PREDICT_ONLY_FIELDS
-    RESULT_NEUTRAL = frozenset({"checkpoint_every"})
+                                  "synth_structural", "synthesis"}) | PREDICT_ONLY_FIELDS
+    RESULT_NEUTRAL = frozenset({"checkpoint_every", "synth_workers"})
 
     def fit(self, ctx: FitContext) -> dict:
         """The `fit` stage: load the SegNet the `train` stage wrote (``ctx.train_dir``); SLSG has no
@@ -628,8 +646,15 @@ class SLSG(AnomalyMethod):
             opt = torch.optim.SGD(params, lr=cfg.seg_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=cfg.seg_lr, weight_decay=cfg.weight_decay)
+        online = cfg.synthesis == "online"
+        synth_inputs = synth.synth.settings() if online else image_files(r["image"] for r in synth.rows)
         ckpt = Checkpoint(ctx.work_dir, f"slsg-segnet-{ctx.category}", self.phase_config(cfg, "train"), ctx.seed,
-                          ctx.image_size, image_files(ctx.data.train), image_files(r["image"] for r in synth.rows), net)
+                          ctx.image_size, image_files(ctx.data.train), synth_inputs, net)
+        if not online and cfg.seg_iters * cfg.n_anomalous > len(synth):
+            log.info("slsg: %d simulated-image draws from a cache of %d: images repeat (synthesis: online avoids it)",
+                     cfg.seg_iters * cfg.n_anomalous, len(synth))
+        drawn: set[int] = set()
+        n_anom = cfg.n_anomalous
         history: dict[str, list[float]] = {"loss": [], "focal": [], "l1": [], "aux": []}
         start = 0
         state = ckpt.load(device)
@@ -638,6 +663,9 @@ class SLSG(AnomalyMethod):
             opt.load_state_dict(state["opt"])
             history = {k: list(v) for k, v in state["history"].items()}
             start = int(state["step"])
+        online_batches = iter(torch.utils.data.DataLoader(   # step i's draws, simulated ahead by synth_workers
+            synth, batch_sampler=[list(range(i * n_anom, (i + 1) * n_anom)) for i in range(start, cfg.seg_iters)],
+            num_workers=cfg.synth_workers)) if online else None
         net.train()
         if cfg.freeze_encoder:
             net.encoder.eval()
@@ -648,7 +676,14 @@ class SLSG(AnomalyMethod):
             parts = []
             if cfg.n_normal:
                 parts.append(_stack(normal, rng.integers(len(normal), size=cfg.n_normal)))
-            parts.append(_stack(synth, rng.integers(len(synth), size=cfg.n_anomalous)))
+            # online: draw d = step·n_anomalous + j is simulated sample d, never repeated; cache: with replacement
+            if online:
+                drawn.update(range(step * n_anom, (step + 1) * n_anom))
+                parts.append(next(online_batches))
+            else:
+                picks = rng.integers(len(synth), size=n_anom)
+                drawn.update(int(i) for i in picks)
+                parts.append(_stack(synth, picks))
             x = torch.cat([p["image"] for p in parts]).to(device)
             mask = torch.cat([p["mask"] for p in parts]).to(device)
             logits, aux = net(x)
@@ -669,6 +704,8 @@ class SLSG(AnomalyMethod):
         return {
             "seg_steps": float(cfg.seg_iters), "seg_seconds": time.perf_counter() - t0,
             "synthetic_images": float(len(synth)), "normal_images": float(len(normal)),
+            # draws this run made and how many distinct simulated images they were (equal: no repeats)
+            "synthetic_draws": float((cfg.seg_iters - start) * cfg.n_anomalous), "synthetic_distinct": float(len(drawn)),
             **{f"{k}_first": _mean(v[:tenth]) for k, v in history.items()},
             **{f"{k}_last": _mean(v[-tenth:]) for k, v in history.items()},
         }
