@@ -1084,8 +1084,8 @@ def _benchmark_once(params: Params, method: str, root: Path, category: str, out_
         fit_seconds = time.perf_counter() - t0
         out, seconds = score_category(model, data, size, ev.batch_size, progress)
         metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), size)
-        metrics.update({"method": method, "category": category, "root": str(root), "seed": params.seed, "image_size": size,
-                        "resize": resize, "fit_seconds": fit_seconds, "fit_stats": stats,
+        metrics.update({"method": method, "category": category, "root": str(root), "seed": params.seed,
+                        "image_size": size, "resize": resize, "fit_seconds": fit_seconds, "fit_stats": stats,
                         "inference_seconds": seconds, "images_per_second": len(out["scores"]) / max(seconds, 1e-9),
                         "peak_rss_mb": peak_rss_mb(), "device": str(device)})
         (tmp / "maps").mkdir()
