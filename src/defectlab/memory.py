@@ -239,11 +239,11 @@ class _ActiveSet:
         self.tau, self.dropped = 0.0, []
 
 
-#: ``coreset: chunked``: default rows per chunk (measured by ``scripts/bench_coreset_scaling.py``:
-#: at a 10 % ratio the selection then costs about half the feature pass, at any N)
+#: ``coreset: chunked``: default rows per chunk (``scripts/bench_coreset_scaling.py``: at a 10 %
+#: ratio the selection then costs about one feature pass, at any N)
 CORESET_CHUNK = 16384
-#: ``coreset: auto``: exact greedy up to this many rows (at most ~1.5x the feature pass at 10 %),
-#: chunked above
+#: ``coreset: auto``: exact greedy up to this many rows (there it costs 1.2-1.6x the feature pass
+#: at 10 %), chunked above
 CORESET_EXACT_MAX = 65536
 
 
