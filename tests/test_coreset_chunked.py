@@ -27,15 +27,16 @@ def clustered(seed: int = 0):
 
 def test_chunked_equals_exact_greedy_up_to_one_chunk_and_auto_is_exact_for_small_banks(monkeypatch):
     """N <= chunk: the very picks of greedy_coreset (same seed), projected or not. PatchCore's
-    default ``coreset: auto`` selects exactly greedy's picks up to CORESET_EXACT_MAX patches (small
-    banks, e.g. the smoke pipeline's, are unchanged) and the chunked ones above."""
+    ``coreset: auto`` selects exactly greedy's picks up to CORESET_EXACT_MAX patches and the
+    chunked ones above; the default stays exact greedy."""
     x, _ = clustered()
     for proj in (None, 4):
         for seed in (0, 3):
             ref = greedy_coreset(x, 100, proj_dim=proj, seed=seed, batch=16)
             assert torch.equal(chunked_coreset(x, 100, chunk=len(x), proj_dim=proj, seed=seed, batch=16), ref)
-    model = PatchCore(PatchCoreConfig(coreset_chunk=256), "cpu")
-    assert model.config.coreset == "auto" and patchcore_module.CORESET_EXACT_MAX >= len(x)
+    assert PatchCoreConfig().coreset == "greedy"
+    model = PatchCore(PatchCoreConfig(coreset="auto", coreset_chunk=256), "cpu")
+    assert patchcore_module.CORESET_EXACT_MAX >= len(x)
     exact = greedy_coreset(x, 100, proj_dim=None, seed=5, batch=64)
     assert torch.equal(model._select(x, 100, 5), exact)
     monkeypatch.setattr(patchcore_module, "CORESET_EXACT_MAX", len(x) - 1)

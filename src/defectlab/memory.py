@@ -242,7 +242,7 @@ class _ActiveSet:
 #: ``coreset: chunked``: default rows per chunk (``scripts/bench_coreset_scaling.py``: at a 10 %
 #: ratio the selection then costs about one feature pass, at any N)
 CORESET_CHUNK = 16384
-#: ``coreset: auto``: exact greedy up to this many rows (there it costs 1.2-1.6x the feature pass
+#: ``coreset: auto``: exact greedy up to this many rows (there it costs 1.3-1.6x the feature pass
 #: at 10 %), chunked above
 CORESET_EXACT_MAX = 65536
 

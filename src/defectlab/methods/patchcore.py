@@ -37,9 +37,10 @@ class PatchCoreConfig(StrictModel):
     coreset_ratio: float = 0.1
     #: greedy: exact greedy over all patches (cost quadratic in the number of patches at a fixed
     #: ratio); chunked: the patches shuffled into chunks of at most ``coreset_chunk`` and each chunk's
-    #: greedy picks its share of the bank, so the cost grows linearly (memory.chunked_coreset);
+    #: greedy picks its share of the bank, so the cost grows linearly (memory.chunked_coreset), but
+    #: it costs AUROC (0.7-4 image points in scripts/bench_coreset_scaling.py), so it is opt-in;
     #: auto: greedy up to memory.CORESET_EXACT_MAX patches, chunked above
-    coreset: Literal["auto", "greedy", "chunked"] = "auto"
+    coreset: Literal["auto", "greedy", "chunked"] = "greedy"
     coreset_chunk: int = Field(CORESET_CHUNK, ge=256)
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
