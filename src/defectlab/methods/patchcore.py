@@ -20,9 +20,11 @@ from typing import Literal
 import torch
 
 from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
+from pydantic import Field
+
 from defectlab.config import StrictModel
-from defectlab.memory import (FeatureStore, NearestNeighbourIndex, greedy_coreset, local_patch_features,
-                              patch_scores_to_maps, random_projection, rescore_top)
+from defectlab.memory import (CORESET_CHUNK, CORESET_EXACT_MAX, FeatureStore, NearestNeighbourIndex, chunked_coreset, greedy_coreset,
+                              local_patch_features, patch_scores_to_maps, random_projection, rescore_top)
 from defectlab.methods.base import AnomalyMethod, FitContext, make_loader
 
 
@@ -33,6 +35,13 @@ class PatchCoreConfig(StrictModel):
     patch_size: int = 3
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
+    #: greedy: exact greedy over all patches (cost quadratic in the number of patches at a fixed
+    #: ratio); chunked: the patches shuffled into chunks of at most ``coreset_chunk`` and each chunk's
+    #: greedy picks its share of the bank, so the cost grows linearly (memory.chunked_coreset), but
+    #: it costs AUROC (0.7-4 image points in scripts/bench_coreset_scaling.py), so it is opt-in;
+    #: auto: greedy up to memory.CORESET_EXACT_MAX patches, chunked above
+    coreset: Literal["auto", "greedy", "chunked"] = "greedy"
+    coreset_chunk: int = Field(CORESET_CHUNK, ge=256)
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
     #: float32: the exact greedy picks; bfloat16: faster distance updates, approximate picks that cost
@@ -100,9 +109,7 @@ class PatchCore(AnomalyMethod):
         n_patches = x.shape[0]
         n = max(1, int(round(self.config.coreset_ratio * n_patches)))
         t0 = time.perf_counter()
-        idx = greedy_coreset(x, n, proj_dim=None, seed=seed, batch=self.config.coreset_batch,
-                             precision=self.config.coreset_precision) if n < n_patches \
-            else torch.arange(n_patches)
+        idx = self._select(x, n, seed) if n < n_patches else torch.arange(n_patches)
         del x
         self.bank = store.gather(idx).to(self.device)
         spilled = store.spilled
@@ -113,6 +120,14 @@ class PatchCore(AnomalyMethod):
                           "n_train_images": len(loader.dataset), "n_patches": int(n_patches)})
         return {"n_patches": int(n_patches), "bank_size": int(self.bank.shape[0]), "bank_spilled_to_disk": spilled,
                 "feature_seconds": t_feat, "coreset_seconds": t_core}
+
+    def _select(self, x: torch.Tensor, n: int, seed: int, covered: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``coreset`` selection of ``n`` rows of the projected patch features ``x``."""
+        cfg = self.config
+        kw = dict(proj_dim=None, seed=seed, batch=cfg.coreset_batch, precision=cfg.coreset_precision, covered=covered)
+        if cfg.coreset == "chunked" or (cfg.coreset == "auto" and len(x) > CORESET_EXACT_MAX):
+            return chunked_coreset(x, n, chunk=cfg.coreset_chunk, **kw)
+        return greedy_coreset(x, n, **kw)
 
     def _stream_features(self, loader, seed: int, progress: bool, work_dir: str | None):
         """Every patch feature of the loader into a FeatureStore, and their random projection to
@@ -142,7 +157,9 @@ class PatchCore(AnomalyMethod):
         patch then lies within the new coverage radius, exactly as greedy over the union would put
         it; the old patches that the bank left out stay within the radius they had (greedy on the
         union could pick one of them instead of a new patch). ``scripts/bench_retrain.py`` measures
-        the difference against a refit."""
+        the difference against a refit. With the chunked selection (``coreset``: chunked, or auto
+        over more than CORESET_EXACT_MAX new patches) each chunk of new patches continues from the
+        bank in the same way."""
         cfg = self.config
         n_old = int(self.meta.get("n_patches") or 0)
         if not n_old:
@@ -156,8 +173,7 @@ class PatchCore(AnomalyMethod):
         t0 = time.perf_counter()
         if k:
             bank = self.bank.to(x.device)
-            idx = greedy_coreset(x, k, proj_dim=None, seed=seed, batch=cfg.coreset_batch,
-                                 precision=cfg.coreset_precision, covered=bank @ proj if proj is not None else bank)
+            idx = self._select(x, k, seed, covered=bank @ proj if proj is not None else bank)
             self.bank = torch.cat([self.bank, store.gather(idx).to(self.device)])
         store.close()
         self._index = None
