@@ -1,5 +1,7 @@
 """Correctness of the shared memory-bank fast paths (never timing)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,24 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     rescore_top(d, i, feats, index, top=16)
     assert torch.allclose(d.amax(1), exact.amax(1), atol=1e-4)              # image maxima now exact
     assert torch.allclose(d.gather(1, d.topk(16, 1).indices), exact.gather(1, d.topk(16, 1).indices), atol=1e-4)
+
+
+def test_bench_subset_and_overrides():
+    from defectlab.bench import parse_overrides, subset
+    from defectlab.data.mvtec import CategoryData
+
+    train = [f"t{i}" for i in range(10)]
+    test = ["good"] * 10 + ["scratch"] * 10 + ["stain"] * 10       # grouped by kind, as scan_category lists them
+    data = CategoryData(root=Path("."), category="c", train=train, test=test)
+    small = subset(data, 4, 6)
+    assert small.train == train[:4] and len(small.test) == 6
+    assert {k: small.test.count(k) for k in set(small.test)} == {"good": 2, "scratch": 2, "stain": 2}
+    assert subset(data).test == test
+    with pytest.raises(ConfigError, match="--max-test"):
+        subset(data, None, 0)
+    assert parse_overrides(["epochs=1", "knn_approx=exact", "layers=[layer1, layer2]"], ["apc", "patchcore"]) == \
+        {"epochs": 1, "knn_approx": "exact", "layers": ["layer1", "layer2"]}
+    with pytest.raises(ConfigError, match="epochs: no such config key in patchcore"):
+        parse_overrides(["epochs=1"], ["patchcore"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
