@@ -1,5 +1,7 @@
 """Correctness of the shared memory-bank fast paths (never timing)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,7 +104,10 @@ def test_local_patch_features_shapes_and_neighbourhood_average():
     assert f.shape == (1, 8, 8, 5)
     # 3x3 average spreads the spike to its neighbours (value 1 = 9/9), not beyond
     assert f[0, 3, 3, 0] == pytest.approx(1.0) and f[0, 2, 2, 0] == 0
-    assert torch.allclose(f[..., 2:], torch.ones(1, 8, 8, 3))
+    # the reference implementation's zero padding: a corner averages 4 ones and 5 zeros
+    assert f[0, 0, 0, 2] == pytest.approx(4 / 9) and torch.allclose(f[0, 3:5, 3:5, 2:], torch.ones(2, 2, 3))
+    inside = local_patch_features([a, b], patch_size=3, include_pad=False)   # only cells inside the map
+    assert torch.allclose(inside[..., 2:], torch.ones(1, 8, 8, 3))
     assert local_patch_features([a, b], patch_size=3, out_dim=2).shape == (1, 8, 8, 2)
 
 
@@ -114,6 +119,17 @@ def test_gaussian_blur_preserves_mass_and_maps_upsample():
     assert blurred[0, 16, 16] == blurred.max()
     maps = patch_scores_to_maps(torch.rand(2, 4, 4), (32, 32), sigma=1.0)
     assert maps.shape == (2, 32, 32) and np.isfinite(maps.numpy()).all()
+
+
+@pytest.mark.parametrize("h, w, size, sigma", [(16, 16, (64, 64), 4.0), (12, 9, (48, 40), 2.0), (8, 8, (32, 32), 0.0)])
+def test_maps_as_matrix_products_equal_upsampling_then_blur(h, w, size, sigma):
+    """patch_scores_to_maps (two matrix products per image) is the bilinear upsampling followed by
+    the reflect-padded Gaussian of gaussian_blur, to float rounding."""
+    import torch.nn.functional as F
+
+    scores = torch.rand(3, h, w, generator=torch.Generator().manual_seed(1))
+    ref = gaussian_blur(F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0], sigma)
+    assert torch.allclose(patch_scores_to_maps(scores, size, sigma), ref, atol=1e-5)
 
 
 def test_feature_store_spills_to_disk_and_gathers_the_same_rows():
@@ -281,3 +297,24 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     rescore_top(d, i, feats, index, top=16)
     assert torch.allclose(d.amax(1), exact.amax(1), atol=1e-4)              # image maxima now exact
     assert torch.allclose(d.gather(1, d.topk(16, 1).indices), exact.gather(1, d.topk(16, 1).indices), atol=1e-4)
+
+
+def test_bench_subset_and_overrides():
+    from defectlab.bench import parse_overrides, subset
+    from defectlab.data.mvtec import CategoryData
+
+    train = [f"t{i}" for i in range(10)]
+    test = ["good"] * 10 + ["scratch"] * 10 + ["stain"] * 10       # grouped by kind, as scan_category lists them
+    data = CategoryData(root=Path("."), category="c", train=train, test=test)
+    small = subset(data, 4, 6)
+    assert small.train == train[:4] and len(small.test) == 6
+    assert {k: small.test.count(k) for k in set(small.test)} == {"good": 2, "scratch": 2, "stain": 2}
+    assert subset(data).test == test
+    with pytest.raises(ConfigError, match="--max-test"):
+        subset(data, None, 0)
+    assert parse_overrides(["epochs=1", "knn_approx=exact", "layers=[layer1, layer2]"], ["apc", "patchcore"]) == \
+        {"epochs": 1, "knn_approx": "exact", "layers": ["layer1", "layer2"]}
+    with pytest.raises(ConfigError, match="epochs: no such config key in patchcore"):
+        parse_overrides(["epochs=1"], ["patchcore"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])

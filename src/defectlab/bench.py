@@ -396,6 +396,46 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def subset(data, max_train: int | None = None, max_test: int | None = None):
+    """``data`` with its first ``max_train`` training images and ``max_test`` test images taken
+    evenly across the test list (which is grouped by kind, so each kind keeps its share)."""
+    import dataclasses
+
+    from defectlab.errors import ConfigError
+
+    for name, v in (("--max-train", max_train), ("--max-test", max_test)):
+        if v is not None and v < 1:
+            raise ConfigError(f"bench {name} must be at least 1, got {v}")
+    test = data.test
+    if max_test is not None and max_test < len(test):
+        test = [test[int(i)] for i in np.linspace(0, len(test) - 1, max_test).round()]
+    train = data.train[:max_train] if max_train is not None else data.train
+    return dataclasses.replace(data, train=train, test=test)
+
+
+def parse_overrides(items: list[str], methods: list[str] | None = None) -> dict:
+    """``--set KEY=VALUE`` items as a dict (values parsed as YAML: 1, 0.5, true, [a, b]); with
+    ``methods``, a key none of their configs has is an error."""
+    import yaml
+
+    from defectlab.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bench --set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    if methods:
+        from defectlab.methods import get_method
+
+        fields = set().union(*(get_method(m).Config.model_fields for m in methods))
+        unknown = sorted(set(out) - fields)
+        if unknown:
+            raise ConfigError(f"bench --set {', '.join(unknown)}: no such config key in {', '.join(methods)}")
+    return out
+
+
 def demo_data(out: Path, image_size: int, n_train: int, category: str = "grain", seed: int = 0,
               n_test_good: int = 30, n_test_per_defect: int = 10):
     """Generated demo data; the test set is large enough (30 good, 10 per defect type: > 1 000

@@ -166,6 +166,11 @@ def bench(
     auroc_seeds: int = typer.Option(5, help="image AUROCs are means over this many coreset seeds"),
     bank: Optional[str] = typer.Option(None, help="also test an approximate faiss index on a random N,D bank, e.g. 1000000,1024"),
     index: str = typer.Option("IVF1024,SQfp16", help="faiss index-factory string for --bank"),
+    max_train: Optional[int] = typer.Option(None, help="fit on the first N training images only (shortens long fits)"),
+    max_test: Optional[int] = typer.Option(None, help="score N test images only, spread evenly over the test set "
+                                           "(every kind keeps its share)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE over the method's profile config, e.g. "
+                                             "epochs=1 (repeatable; a key the method does not have is an error)"),
     out: Path = typer.Option(Path("reports/bench.json"), help="write the figures here (JSON; a .md table beside it)"),
 ) -> None:
     """Speed/memory figures of the memory-bank path as ratios to the backbone's forward time."""
@@ -182,25 +187,28 @@ def bench(
             from defectlab.data import scan_category
 
             data = scan_category(root, category)
+        data = B.subset(data, max_train, max_test)
         if inference:
             from defectlab.config import Params
 
             p = Params.load(params_file, profile=profile)
             names = p.run.methods if method == "all" else method.split(",")
+            overrides = {"weights": weights, **B.parse_overrides(set_ or [], names)}
             result = {}
             for name in names:
                 typer.echo(f"bench --inference: {name} ({p.profile})", err=True)
                 result[name] = B.bench_inference(name, data, p, image_size=image_size, device=device, repeat=repeat,
-                                                 overrides={"weights": weights})
+                                                 overrides=overrides)
                 write_json(out, result)                  # what finished so far survives an interruption
             write_text(out.with_suffix(".md"), B.inference_table(result) + "\n")
             typer.echo(out.with_suffix(".md").read_text())
             return
+        overrides = {"weights": weights, **B.parse_overrides(set_ or [], [method])}
         if method != "patchcore":
             from defectlab.config import Params
 
             result = {method: B.bench_fit(method, data, Params.load(params_file, profile=profile), image_size=image_size,
-                                          device=device, repeat=repeat, overrides={"weights": weights})}
+                                          device=device, repeat=repeat, overrides=overrides)}
             write_json(out, result)
             write_text(out.with_suffix(".md"), f"### {method}\n\n{B.format_table(result[method])}\n")
             typer.echo(out.with_suffix(".md").read_text())

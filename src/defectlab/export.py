@@ -22,7 +22,7 @@ Per method (everything fitted is a constant of the graph: weights, bank, Gaussia
 
 * ``patchcore`` and ``apc`` (APC's fitted model *is* a PatchCore — the bank built on the
   fine-tuned encoder, stored the same way: ``bank`` + ``backbone.*`` tensors):
-  backbone layers → 3×3 average pooling (count_include_pad=False), deeper layers resized
+  backbone layers → 3×3 average pooling (``pool_include_pad``), deeper layers resized
   bilinearly to the first layer's grid, concatenated, channel-pooled to ``embed_dim`` (a reshape +
   mean when the channel count divides, else a fixed (C, D) averaging matrix: the same bins as
   ``adaptive_avg_pool1d``, which ONNX has no operator for) → kNN against the bank as tensor ops:
@@ -290,6 +290,7 @@ class PatchCoreGraph(_BackboneGraph):
         cfg = method.config
         size = pre["image_size"]
         self.patch_size = cfg.patch_size
+        self.include_pad = cfg.pool_include_pad
         c = sum(s[0] for s in self.shapes.values())
         self.pool = ChannelPool(c, cfg.embed_dim) if cfg.embed_dim is not None and cfg.embed_dim < c else None
         bank = method.bank.detach().float().cpu().contiguous()
@@ -309,7 +310,7 @@ class PatchCoreGraph(_BackboneGraph):
         for layer in self.layers:
             f = feats[layer]
             if p > 1:
-                f = F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False)
+                f = F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=self.include_pad)
             if tuple(f.shape[-2:]) != (self.h, self.w):
                 f = F.interpolate(f, size=(self.h, self.w), mode="bilinear", align_corners=False)
             parts.append(f.permute(0, 2, 3, 1))

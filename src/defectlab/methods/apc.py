@@ -356,10 +356,10 @@ class APC(PatchCore):
     Config = APCConfig
     trains_per_category = True
     #: fine-tuning does not read PatchCore's patch-aggregation, coreset, bank and scoring settings
-    TRAIN_IGNORES = frozenset({"patch_size", "embed_dim", "coreset_ratio", "coreset", "coreset_chunk",
-                               "coreset_proj_dim", "coreset_batch", "coreset_precision", "max_bank_ram_mb",
-                               "num_neighbors", "sigma", "batch_size", "knn_backend", "knn_approx", "knn_rescore",
-                               "score"})
+    TRAIN_IGNORES = frozenset({"patch_size", "pool_include_pad", "embed_dim", "coreset_ratio", "coreset",
+                               "coreset_chunk", "coreset_proj_dim", "coreset_batch", "coreset_precision",
+                               "max_bank_ram_mb", "num_neighbors", "sigma", "batch_size", "knn_backend", "knn_approx",
+                               "knn_rescore", "score"})
 
     # -- labelled pool ---------------------------------------------------------------------
     def labelled_anomalies(self, ctx: FitContext) -> list:

@@ -33,6 +33,9 @@ class PatchCoreConfig(StrictModel):
     weights: str = "random"
     layers: list[str] = ["layer2", "layer3"]
     patch_size: int = 3
+    #: border patches' neighbourhood average counts the zero padding (the reference implementation,
+    #: amazon-science/patchcore-inspection, and anomalib do); false: only cells inside the map
+    pool_include_pad: bool = True
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     #: greedy: exact greedy over all patches (cost quadratic in the number of patches at a fixed
@@ -83,7 +86,8 @@ class PatchCore(AnomalyMethod):
         """(B, 3, H, W) -> (B, h, w, D) locally aware patch features."""
         feats = self.extractor(images.to(self.device))
         return local_patch_features([feats[layer] for layer in self.config.layers],
-                                    patch_size=self.config.patch_size, out_dim=self.config.embed_dim)
+                                    patch_size=self.config.patch_size, out_dim=self.config.embed_dim,
+                                    include_pad=self.config.pool_include_pad)
 
     # -- fit ------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> dict:
