@@ -413,8 +413,9 @@ def square_input(size, who: str, key: str) -> None:
     if not isinstance(size, int):
         from defectlab.errors import ConfigError
 
-        raise ConfigError(f"{key}: {who} takes square inputs only, got [h, w] = {list(size)} (use an int image_size, "
-                          f"or run it with a resize mode on a square size; non-square: {', '.join(NON_SQUARE_METHODS)})")
+        raise ConfigError(f"{key}: {who} takes square inputs only, got [h, w] = {list(size)} (use an int "
+                          f"image_size, e.g. in datasets.<ds>.preprocess.<profile>.<method>; non-square: "
+                          f"{', '.join(NON_SQUARE_METHODS)})")
 
 
 def input_spec(params: Params, method: str, dataset: str):

@@ -73,7 +73,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from defectlab.data.transform import IMAGENET_MEAN, IMAGENET_STD, area_scale, current_mode, hw, resize_image, resize_mask
+from defectlab.data.transform import (IMAGENET_MEAN, IMAGENET_STD, area_scale, current_mode, hw, resize_image,
+                                      resize_mask)
 from defectlab.errors import DatasetError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
