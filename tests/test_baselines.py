@@ -137,3 +137,33 @@ def test_patchcore_extend_adds_new_images_without_re_embedding_the_old(small_dem
     assert abs(ext.bank.shape[0] - full.bank.shape[0]) <= 1 and ext.meta["n_patches"] == full.meta["n_patches"]
     a_ext, a_full = evaluate(ext), evaluate(full)
     assert a_ext > 0.7 and a_ext >= a_full - 0.05, (a_ext, a_full)
+
+
+def test_a_model_saved_before_pool_include_pad_scores_as_it_did(tiny_demo, tmp_path):
+    """A model folder written before ``pool_include_pad`` existed (its model.json has no such key)
+    loads with the border averaging it was fitted with (image pixels only), not the new default."""
+    import json
+
+    data = scan_category(tiny_demo, "weave")
+    old = PatchCore(PatchCoreConfig(embed_dim=64, coreset_ratio=0.25, layers=["layer1", "layer2"],
+                                    pool_include_pad=False), "cpu")
+    torch.manual_seed(0)
+    old.fit(FitContext(dataset="demo", category="weave", data=data, image_size=64, seed=0,
+                       device=torch.device("cpu"), progress=False))
+    old.save(tmp_path / "m")
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    del info["config"]["pool_include_pad"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(info))
+
+    loaded = PatchCore.load(tmp_path / "m")
+    assert loaded.config.pool_include_pad is False
+    loader = lambda: make_loader(data.test, 64, 8)  # noqa: E731
+    want = old.predict_loader(loader())
+    got = loaded.predict_loader(loader())
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-4, atol=1e-5)
+    # the new default would score the border differently: the check above can tell them apart
+    info["config"]["pool_include_pad"] = True
+    (tmp_path / "m" / "model.json").write_text(json.dumps(info))
+    padded = PatchCore.load(tmp_path / "m").predict_loader(loader())
+    assert np.abs(padded["maps"] - want["maps"]).max() > 1e-3

@@ -116,6 +116,9 @@ class AnomalyMethod(ABC):
     PRETRAIN_READS: ClassVar[frozenset[str] | None] = None
     #: config fields ``train`` never reads (scoring, bank and other fit-only settings)
     TRAIN_IGNORES: ClassVar[frozenset[str]] = frozenset()
+    #: config fields whose default changed, with the value a model saved without the field used:
+    #: ``load`` fills them in, so an existing model folder keeps scoring as it did when it was fitted
+    SAVED_BEFORE_DEFAULTS: ClassVar[dict[str, Any]] = {}
     #: fields that change how a phase runs, not what it produces (checkpoint cadence, workers):
     #: they may be read by a phase that ignores them
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset()
@@ -272,7 +275,9 @@ class AnomalyMethod(ABC):
         info = json.loads(info_path.read_text())
         if info.get("method") != cls.name:
             raise ResourceMissingError(f"{info_path}: holds a {info.get('method')!r} model, not {cls.name!r}")
-        method = cls(cls.Config.model_validate(info["config"]), device)
+        # a setting added after the model was saved scores as the code that saved it did
+        config = {**cls.SAVED_BEFORE_DEFAULTS, **info["config"]}
+        method = cls(cls.Config.model_validate(config), device)
         method.meta = info.get("meta", {})
         method.card = {k: info[k] for k in CARD_KEYS if k in info}
         method.load_tensors({k: v.to(device) for k, v in load_file(str(model_dir / "model.safetensors")).items()})

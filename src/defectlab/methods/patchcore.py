@@ -70,6 +70,8 @@ class PatchCoreConfig(StrictModel):
 class PatchCore(AnomalyMethod):
     name = "patchcore"
     Config = PatchCoreConfig
+    #: models saved before ``pool_include_pad`` existed averaged the border over image pixels only
+    SAVED_BEFORE_DEFAULTS = {"pool_include_pad": False}
 
     def __init__(self, config: PatchCoreConfig, device="cpu"):
         super().__init__(config, device)
