@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
+from defectlab.bench import parse_overrides
 from defectlab.backbones import resolve_device
 from defectlab.data import scan_category
 from defectlab.data.demo import CATEGORIES, generate_demo
@@ -37,11 +37,7 @@ def apc_config(params_file: Path, profile: str, overrides: list[str]) -> APCConf
     from defectlab.config import Params, validate
 
     raw = Params.load(params_file, profile).profiled("methods", "apc")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        raw[key] = yaml.safe_load(value)
+    raw.update(parse_overrides(overrides))
     return validate(APCConfig, raw, f"{params_file}: methods.apc ({profile})")
 
 

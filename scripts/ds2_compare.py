@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from defectlab.config import Params, validate
+from defectlab.bench import parse_overrides
 from defectlab.data import scan_category
 from defectlab.data.demo import generate_demo
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
@@ -59,11 +59,7 @@ def main() -> None:
         generate_demo(root, seed=0, image_size=args.image_size, n_train=args.n_train, n_test_good=args.n_test_good,
                       n_test_per_defect=args.n_test_per_defect, categories=cats)
     base = Params.load(args.params, args.profile).profiled("methods", "ds2")
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        base[key] = yaml.safe_load(value)
+    base.update(parse_overrides(args.set))
     device = torch.device(args.device)
     results: dict = {"config": base, "profile": args.profile, "variants": {}}
     for name in args.variants.split(","):

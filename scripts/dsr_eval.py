@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from defectlab.bench import parse_overrides
 from defectlab.data import scan_category
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
 from defectlab.methods.dsr import DSR, STAGE1_KEYS, DSRConfig
@@ -40,11 +40,7 @@ def load_config(params: Path, profile: str, overrides: list[str]) -> DSRConfig:
     from defectlab.config import Params, validate
 
     cfg = Params.load(params, profile).profiled("methods", "dsr")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        cfg[key] = yaml.safe_load(value)
+    cfg.update(parse_overrides(overrides))
     return validate(DSRConfig, cfg, f"{params}: methods.dsr ({profile})")
 
 

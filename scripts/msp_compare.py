@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from defectlab.bench import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,11 +87,7 @@ def main() -> None:
 
     params_path = args.params
     base = method_params(params_path, args.profile)
-    for kv in args.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
-        base[key] = yaml.safe_load(value)
+    base.update(parse_overrides(args.set))
     single_scales = yaml.safe_load(args.single)
     variants = {"multi": validate(MSPSVDDConfig, base, "msp_svdd"),
                 "single": validate(MSPSVDDConfig, {**base, "scales": single_scales}, "msp_svdd")}

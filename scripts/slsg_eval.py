@@ -15,8 +15,8 @@ Image AUROC per kind: the good test images against the defects of that kind only
 in each category's ``defects.json``). sPRO (FPR ≤ ``--max-fpr-spro``): the demo data define no
 per-defect saturation areas (MVTec LOCO's ``defects_config.json`` does), so each defect
 saturates at its full mask area, i.e. sPRO here equals PRO restricted to FPR ≤ 0.05.
-Config: ``common`` merged with ``--profile`` from ``.helper/slsg.params.yaml`` (or
-``params.yaml`` once merged), then ``--set key=yaml`` overrides.
+Config: ``common`` merged with ``--profile`` from the project's ``params.yaml``,
+then ``--set key=yaml`` overrides.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-
+from defectlab.bench import parse_overrides
 from defectlab.data import scan_category
 from defectlab.data.demo import CATEGORIES, generate_demo
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
@@ -42,19 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(profile: str, overrides: list[str]) -> SLSGConfig:
-    for path in (ROOT / "params.yaml", ROOT / ".helper" / "slsg.params.yaml"):
-        if path.exists():
-            doc = yaml.safe_load(path.read_text())
-            block = doc.get("methods", doc).get("slsg")
-            if block:
-                break
-    else:
-        raise SystemExit("no slsg params block in params.yaml or .helper/slsg.params.yaml")
-    values = {**block.get("common", {}), **(block.get(profile) or {})}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        values[key] = yaml.safe_load(value)
-    return SLSGConfig.model_validate(values)
+    from defectlab.config import Params, validate
+
+    values = Params.load(ROOT / "params.yaml", profile).profiled("methods", "slsg")
+    values.update(parse_overrides(overrides))
+    return validate(SLSGConfig, values, f"params.yaml: methods.slsg ({profile})")
 
 
 def kind_metrics(result: dict, kind: str, max_fpr: float) -> dict:
@@ -87,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_config(args.profile, args.overrides)
-    synth_params = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.synth_param)}
+    synth_params = parse_overrides(args.synth_param)
     device = torch.device(args.device)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -424,7 +424,7 @@ def parse_overrides(items: list[str], methods: list[str] | None = None) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"bench --set {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     if methods:
         from defectlab.methods import get_method
@@ -432,7 +432,7 @@ def parse_overrides(items: list[str], methods: list[str] | None = None) -> dict:
         fields = set().union(*(get_method(m).Config.model_fields for m in methods))
         unknown = sorted(set(out) - fields)
         if unknown:
-            raise ConfigError(f"bench --set {', '.join(unknown)}: no such config key in {', '.join(methods)}")
+            raise ConfigError(f"--set {', '.join(unknown)}: no such config key in {', '.join(methods)}")
     return out
 
 
