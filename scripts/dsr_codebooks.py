@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from defectlab.config import Params
+from defectlab.bench import parse_overrides
+from defectlab.config import Params, validate
 from defectlab.data.demo import CATEGORIES, generate_demo
 from defectlab.methods.base import PretrainContext
 from defectlab.methods.dsr import DSR, DSRConfig, codebook_neighbours, live_codes, sample_near_codes
@@ -30,11 +31,15 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=40, help="normal images per category of the generated demo")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override methods.dsr")
     args = ap.parse_args()
 
     if not args.root.exists():
-        generate_demo(args.root, seed=0, image_size=args.image_size, n_train=40, n_test_good=10, n_test_per_defect=4)
-    base = Params.load(args.params, profile=args.profile).method("dsr", DSRConfig)
+        generate_demo(args.root, seed=0, image_size=args.image_size, n_train=args.n_train, n_test_good=2,
+                      n_test_per_defect=1)
+    raw = Params.load(args.params, profile=args.profile).profiled("methods", "dsr")
+    base = validate(DSRConfig, {**raw, **parse_overrides(args.set)}, f"{args.params}: methods.dsr ({args.profile})")
     rows = {}
     for name, threshold in ((f"restarts ({base.dead_code_threshold})", base.dead_code_threshold),
                             ("no restarts (Eq. 2 only)", 0.0)):

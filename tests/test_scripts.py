@@ -183,3 +183,16 @@ def test_bench_retrain_builds_its_project_copy_with_the_overrides(tmp_path):
     assert params["flows"]["retrain"]["margin"] == 1.0
     assert "train" not in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]   # no empty matrix
     assert (tmp_path / "src" / "defectlab" / "pipeline.py").exists()
+
+
+@pytest.mark.slow
+def test_dsr_codebooks_reports_usage_with_and_without_restarts(tmp_path):
+    proc = run("dsr_codebooks.py", "--root", str(tmp_path / "demo"), "--image-size", "64", "--n-train", "3",
+               "--set", "n_procedural_textures=2", "--set", "hidden=16", "--set", "residual_hidden=8",
+               "--set", "residual_layers=1", "--set", "embedding_dim=8", "--set", "codebook_size=16",
+               "--set", "stage1_iters=3", "--set", "stage1_batch=2", "--set", "dead_code_threshold=0.01",
+               cwd=ROOT)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "stage 1" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| restarts (0.01)", "| no restarts (Eq. 2 only)"]
+    values = [float(v) for r in rows for v in r.strip(" |").split(" | ")[1:]]
+    assert values and all(v >= 0 for v in values)
