@@ -321,7 +321,8 @@ def test_dsr_takes_a_non_square_input(tmp_path):
     tiny = dict(n_procedural_textures=2, hidden=8, residual_hidden=4, residual_layers=1, embedding_dim=4,
                 codebook_size=16, stage1_iters=3, stage1_batch=2, restriction_width=4, decoder_width=8,
                 detection_width=4, stage2_iters=2, stage2_batch=2, stage2_lr_drop_at=1, upsampling_width=4,
-                stage3_iters=2, stage3_batch=2)
+                stage3_iters=2, stage3_batch=2,
+                live_code_share=0.0)   # 3 stage-1 steps leave most codes dead: draw from every code
     root = _strips(tmp_path / "data", n_train=4, n_good=1, n_bad=1)
     data = scan_category(root, "strips")
     cpu, size = torch.device("cpu"), (96, 64)
