@@ -90,7 +90,7 @@ def test_patchcore_config_rejects_bad_coreset_settings():
 
 
 def test_patchcore_chunked_fit_detects_defects_and_extends_incrementally(small_demo, tmp_path):
-    """A chunked bank (9 chunks of 256 patches) detects the planted defects about as well as the
+    """A chunked bank (9 chunks of 1 024 patches; the smoke profile's layers 1+2) detects the planted defects about as well as the
     exact-greedy bank; extending it with new images embeds only those and keeps the bank a prefix."""
     size = 96
     data = scan_category(small_demo, "grain")
@@ -101,13 +101,13 @@ def test_patchcore_chunked_fit_detects_defects_and_extends_incrementally(small_d
         out = model.predict_loader(make_loader(data.test, size, 8))
         return compute_all(out["labels"], out["scores"], out["masks"], out["maps"])["image_auroc"]
 
-    kw = dict(embed_dim=128, coreset_ratio=0.25, coreset_chunk=256)
+    kw = dict(embed_dim=128, coreset_ratio=0.25, coreset_chunk=1024, layers=["layer1", "layer2"])
     chunked = PatchCore(PatchCoreConfig(**kw, coreset="chunked"), "cpu")
     greedy = PatchCore(PatchCoreConfig(**kw, coreset="greedy"), "cpu")
     part_ctx = dataclasses.replace(ctx, data=dataclasses.replace(data, train=data.train[:16]))
     stats = chunked.fit(part_ctx)
     greedy.fit(part_ctx)
-    assert stats["n_patches"] == 16 * 144 and stats["bank_size"] == greedy.bank.shape[0] == 576
+    assert stats["n_patches"] == 16 * 576 and stats["bank_size"] == greedy.bank.shape[0] == 2304
     assert not torch.equal(chunked.bank, greedy.bank)              # really chunked
     a_chunked, a_greedy = evaluate(chunked), evaluate(greedy)
     assert a_chunked > 0.7 and a_chunked >= a_greedy - 0.05, (a_chunked, a_greedy)
@@ -119,5 +119,5 @@ def test_patchcore_chunked_fit_detects_defects_and_extends_incrementally(small_d
     ext.embed = lambda images: (embedded.append(images.shape[0]), embed(images))[1]
     info = ext.extend(ctx, data.train[16:], seed=0)
     assert sum(embedded) == 8 and info["incremental"] == 1
-    assert torch.equal(ext.bank[:576], chunked.bank) and ext.bank.shape[0] == round(0.25 * 24 * 144)
+    assert torch.equal(ext.bank[:2304], chunked.bank) and ext.bank.shape[0] == round(0.25 * 24 * 576)
     assert evaluate(ext) > 0.7
