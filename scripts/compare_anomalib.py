@@ -73,7 +73,7 @@ What is compared, and what differs (also written into the Markdown report, ``NOT
   greedy from a random start, floor(ratio * N) points. defectlab: Gaussian projection to 128
   dims, batched greedy that makes the one-at-a-time picks, seeded start, round(ratio * N) points.
 * PatchCore search: anomalib's is brute force; defectlab's is exact too with ``--defectlab-knn
-  exact`` (default), or its own ``knn_approx: auto`` (a faiss inverted file once the bank exceeds
+  exact`` (default), or its own ``knn_approx: auto`` (an inverted file, memory.GemmIVF, once the bank exceeds
   ``memory.AUTO_EXACT_MAX_ROWS`` rows on CPU; ``knn_approximate`` in the JSON says which ran).
 * PatchCore scores: both nearest-bank distance per patch; image score = the largest, reweighted
   by the paper's Eq. 7 with ``num_neighbors`` = 9 in both. Maps: anomalib upsamples the patch
@@ -446,7 +446,7 @@ def parse_args(argv=None):
                    help="shared: anomalib runs on defectlab's exact random weights; timm: its own timm random init")
     p.add_argument("--defectlab-knn", default="exact", choices=["exact", "auto"],
                    help="defectlab PatchCore's kNN search: exact (brute force, as anomalib's) or its knn_approx "
-                        "auto (a faiss IVF for banks over memory.AUTO_EXACT_MAX_ROWS rows on CPU)")
+                        "auto (an inverted file, memory.GemmIVF, for banks over memory.AUTO_EXACT_MAX_ROWS rows on CPU)")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--anomalib-python", default=sys.executable, help="interpreter with anomalib (and defectlab)")

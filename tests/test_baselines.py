@@ -55,14 +55,15 @@ def test_patchcore_reweighting_follows_eq7():
     assert w.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("buffer_bytes,woodbury", [(1, False), (7 * 16 * 16 * 24 * 4, False), (1 << 30, False),
-                                                    (1 << 30, True)])   # fold every batch / every 2 / once; n < d
-def test_padim_float32_statistics_match_a_float64_reference(tiny_demo, buffer_bytes, woodbury):
+@pytest.mark.parametrize("buffer_bytes,woodbury,d", [(1, False, 24), (7 * 16 * 16 * 24 * 4, False, 24),
+                                                      (1 << 30, False, 24), (1 << 30, True, 24), (1 << 30, True, 40)])
+def test_padim_float32_statistics_match_a_float64_reference(tiny_demo, buffer_bytes, woodbury, d):
     """PaDiM works in float32 (float64 would double a model that is already P x d x d): streamed
-    second moments folded in from a buffer, or (n < d) all embeddings and an n x n inverse; on
-    shifted data both must give the float64 mean and inverse covariance, however many folds."""
+    second moments folded in from a buffer (every batch / every 2 / once), or (n < d) all embeddings
+    and an n x n inverse, kept as n x d factors when n ≤ d/2 (d = 40); on shifted data each must give
+    the float64 mean, inverse covariance and Mahalanobis distances, however many folds."""
     cls = get_method("padim")
-    model = cls(cls.Config(n_features=24, batch_size=3), "cpu")     # several batches: streaming
+    model = cls(cls.Config(n_features=d, batch_size=3), "cpu")      # several batches: streaming
     model.BUFFER_BYTES = buffer_bytes
     model.WOODBURY_BYTES = (1 << 30) if woodbury else 0              # 16 images < d = 24
     data = scan_category(tiny_demo, "grain")
@@ -75,16 +76,26 @@ def test_padim_float32_statistics_match_a_float64_reference(tiny_demo, buffer_by
     ref_mean = e.mean(1)
     c = e - ref_mean[:, None]
     ref_inv = torch.linalg.inv(c.transpose(1, 2) @ c / (n - 1) + 0.01 * torch.eye(d, dtype=torch.float64))
-    model_off = cls(cls.Config(n_features=24, batch_size=3), "cpu")
+    model_off = cls(cls.Config(n_features=d, batch_size=3), "cpu")
     model_off.BUFFER_BYTES = buffer_bytes
     model_off.WOODBURY_BYTES = model.WOODBURY_BYTES
     model_off._embed = lambda images, _m=model: _m._embed(images) + 1e3  # same features, offset
     stats = model_off.fit(FitContext(dataset="demo", category="grain", data=data, image_size=64, seed=0,
                                      device=torch.device("cpu"), progress=False))
     assert stats["woodbury"] == float(woodbury)
+    assert stats["low_rank"] == float(d == 40) and (model_off.factor is not None) == (d == 40)
+    if d == 40:
+        assert model_off.inv_cov is None and model_off.factor.shape == (h * w, n, d)      # n x d, not d x d
     torch.testing.assert_close(model_off.mean.double(), ref_mean, rtol=1e-6, atol=1e-3)
-    err = torch.linalg.matrix_norm(model_off.inv_cov.double() - ref_inv) / torch.linalg.matrix_norm(ref_inv)
+    inv = model_off.inverse_covariance().double()
+    err = torch.linalg.matrix_norm(inv - ref_inv) / torch.linalg.matrix_norm(ref_inv)
     assert float(err.max()) < 1e-4, float(err.max())          # per position, relative Frobenius error
+    # scores: training embeddings and points 3 standard deviations off them, as predict computes them
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.cat([c, c + 3 * c.std() * torch.randn(c.shape, generator=gen, dtype=torch.float64)], 1)
+    ref_m2 = torch.einsum("pbi,pij,pbj->pb", delta, ref_inv, delta)
+    m2 = model_off.squared_mahalanobis(delta.float()).double()
+    assert float(((m2 - ref_m2).abs() / ref_m2).max()) < 1e-3
 
 
 def test_padim_stores_the_symmetric_inverse_covariances_as_triangles(tiny_demo, tmp_path):
@@ -104,6 +115,19 @@ def test_padim_stores_the_symmetric_inverse_covariances_as_triangles(tiny_demo, 
     legacy = {k: v for k, v in stored.items() if k != "inv_cov_triu"} | {"inv_cov": model.inv_cov.contiguous()}
     save_file(legacy, str(tmp_path / "m" / "model.safetensors"))
     assert torch.equal(cls.load(tmp_path / "m").inv_cov, model.inv_cov)
+    # n ≤ d/2: the n x d factors are stored, loaded back, and score as the full inverses do
+    low = cls(cls.Config(n_features=40, batch_size=4), "cpu")
+    low.fit(FitContext(dataset="demo", category="grain", data=scan_category(tiny_demo, "grain"), image_size=64,
+                       seed=0, device=torch.device("cpu"), progress=False))
+    low.save(tmp_path / "low")
+    stored = load_file(str(tmp_path / "low" / "model.safetensors"))
+    assert set(stored) & {"factor", "inv_cov", "inv_cov_triu"} == {"factor"}
+    back = cls.load(tmp_path / "low")
+    assert torch.equal(back.factor, low.factor)
+    images = next(iter(make_loader(scan_category(tiny_demo, "grain").test, 64, 4)))["image"]
+    dense = cls.load(tmp_path / "low")
+    dense.inv_cov, dense.factor = low.inverse_covariance(), None
+    torch.testing.assert_close(back.predict(images)[1], dense.predict(images)[1], rtol=1e-3, atol=1e-3)
 
 
 def test_patchcore_extend_adds_new_images_without_re_embedding_the_old(small_demo, tmp_path):

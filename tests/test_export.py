@@ -87,6 +87,25 @@ def test_onnx_matches_torch_at_any_batch_size(name, model_dirs, test_images, tmp
     assert np.ptp(v["torch"]["score"]) > 0.05 * np.abs(v["torch"]["score"]).max()
 
 
+def test_padim_exports_both_forms_of_its_inverse_covariances(model_dirs, test_images, tmp_path):
+    """PaDiM keeps n x d factors (n ≤ d/2) or the d x d inverses; the graph follows either."""
+    cls = get_method("padim")
+    model = cls.load(model_dirs["padim"])
+    low_rank = model.factor is not None
+    other = tmp_path / "other"
+    shutil.copytree(model_dirs["padim"], other)
+    if low_rank:
+        model.inv_cov, model.factor = model.inverse_covariance(), None
+    else:
+        pytest.skip("the fixture's PaDiM keeps dense inverses: no low-rank model to convert from")
+    model.save(other)
+    for folder in (model_dirs["padim"], other):
+        ex.export_onnx(folder, tmp_path / "p.onnx")
+        v = ex.verify_onnx(folder, tmp_path / "p.onnx", test_images[:3])
+        assert v["score_rel_diff"] <= TOL and v["map_rel_diff"] <= TOL, v
+    assert low_rank and cls.load(other).factor is None
+
+
 def _skip_reweighting(self, test_patch, nearest):
     return torch.ones_like(test_patch[:, 0])
 

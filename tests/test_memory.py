@@ -281,8 +281,10 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     from defectlab.memory import AUTO_EXACT_MAX_ROWS, auto_index_factory, rescore_top
 
     assert auto_index_factory(AUTO_EXACT_MAX_ROWS) is None
-    assert auto_index_factory(24576) == "IVF512,Flat"
-    assert auto_index_factory(34560) == "IVF512,Flat"      # not 1024: faiss wants >= 39 points per list
+    assert auto_index_factory(24576) == "gemm-IVF256"
+    assert auto_index_factory(1_000_000) == "gemm-IVF2048"
+    assert auto_index_factory(9000) == "gemm-IVF128"
+    assert auto_index_factory(10 ** 6, "cuda") is None
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(64, 32, generator=gen)
     bank = centres[torch.randint(64, (4000,), generator=gen)] + 0.3 * torch.randn(4000, 32, generator=gen)
@@ -297,6 +299,55 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     rescore_top(d, i, feats, index, top=16)
     assert torch.allclose(d.amax(1), exact.amax(1), atol=1e-4)              # image maxima now exact
     assert torch.allclose(d.gather(1, d.topk(16, 1).indices), exact.gather(1, d.topk(16, 1).indices), atol=1e-4)
+
+
+def _clustered(n_bank=4000, n_query=2000, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(64, d, generator=gen)
+    bank = centres[torch.randint(64, (n_bank,), generator=gen)] + 0.3 * torch.randn(n_bank, d, generator=gen)
+    query = centres[torch.randint(64, (n_query,), generator=gen)] + 0.5 * torch.randn(n_query, d, generator=gen)
+    return bank, query
+
+
+def test_gemm_ivf_finds_what_faiss_ivf_finds_with_the_same_lists():
+    """The grouped-GEMM inverted file is faiss' IVF,Flat search done list by list: with the same
+    centroids and probes it returns the same neighbours and distances; probing every list is exact."""
+    import faiss
+
+    from defectlab.memory import GemmIVF
+
+    bank, query = _clustered()
+    ivf = GemmIVF(bank, lists=32, nprobe=3)
+    quantizer = faiss.IndexFlatL2(32)
+    quantizer.add(ivf.centroids.numpy())
+    ref = faiss.IndexIVFFlat(quantizer, 32, 32)
+    ref.is_trained = True
+    ref.add(bank.numpy())
+    ref.nprobe = 3
+    for k in (1, 4):
+        d, i = ivf.search(query, k)
+        d_ref, i_ref = ref.search(query.numpy(), k)
+        assert (i.numpy() == i_ref).mean() > 0.999                            # ties aside, identical
+        assert np.allclose(d.numpy(), d_ref, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(d, ((query[:, None] - bank[i]) ** 2).sum(-1), rtol=1e-4, atol=1e-3)
+    exact_d, exact_i = NearestNeighbourIndex(bank).search(query, 5)
+    d, i = GemmIVF(bank, lists=32, nprobe=32).search(query, 5)
+    assert torch.equal(i, exact_i) and torch.allclose(d.sqrt(), exact_d, atol=1e-4)
+    # one probe misses some neighbours, but finds most of them (chance: 1 in 4000)
+    one = NearestNeighbourIndex(bank, approx="gemm-IVF32", nprobe=1)
+    assert one.approximate and one.factory == "gemm-IVF32"
+    recall = (one.search(query)[1][:, 0] == exact_i[:, 0]).float().mean()
+    assert 0.5 < recall < 1.0
+
+
+def test_gemm_ivf_falls_back_to_exact_when_the_probed_lists_hold_fewer_than_k_rows():
+    bank, query = _clustered(n_bank=600, n_query=50)
+    index = NearestNeighbourIndex(bank, approx="gemm-IVF16", nprobe=1)
+    d, i = index.search(query, k=200)                  # more than any one list holds
+    exact_d, exact_i = NearestNeighbourIndex(bank).search(query, 200)
+    assert (i >= 0).all() and torch.allclose(d, exact_d, atol=1e-4)
+    with pytest.raises(ValueError, match="gemm-IVF<number of lists>"):
+        NearestNeighbourIndex(bank, approx="gemm-IVFx")
 
 
 def test_bench_subset_and_overrides():

@@ -366,7 +366,10 @@ class PaDiMGraph(_BackboneGraph):
             self.register_buffer(f"idx{i}", channels[(channels >= start) & (channels < start + c)] - start)
             start += c
         self.register_buffer("mean", method.mean.detach().float().cpu().contiguous())        # P, d
-        self.register_buffer("inv_cov", method.inv_cov.detach().float().cpu().contiguous())  # P, d, d
+        self.epsilon = float(cfg.epsilon)
+        self.low_rank = method.factor is not None
+        form = method.factor if self.low_rank else method.inv_cov
+        self.register_buffer("inv_cov", form.detach().float().cpu().contiguous())  # P, d, d, or Z: P, n, d
         self.smooth = SmoothedMap(size, cfg.sigma)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +383,11 @@ class PaDiMGraph(_BackboneGraph):
         e = torch.cat(parts, 1)                                                  # B, d, h, w
         p, d = self.mean.shape
         delta = e.permute(2, 3, 0, 1).reshape(p, -1, d) - self.mean[:, None]     # P, B, d
-        m2 = (torch.matmul(delta, self.inv_cov) * delta).sum(-1).clamp_min(0)    # P, B
+        if self.low_rank:                                                        # (|δ|² − |Zδ|²)/ε
+            zd = torch.matmul(delta, self.inv_cov.transpose(1, 2))
+            m2 = ((delta * delta).sum(-1) - (zd * zd).sum(-1)).div(self.epsilon).clamp_min(0)
+        else:
+            m2 = (torch.matmul(delta, self.inv_cov) * delta).sum(-1).clamp_min(0)    # P, B
         scores = m2.sqrt().T.reshape(-1, self.h, self.w)
         maps = self.smooth(scores)
         return maps.flatten(1).max(1).values, maps

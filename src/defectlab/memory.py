@@ -363,23 +363,87 @@ def coreset_coverage(features: torch.Tensor, indices: torch.Tensor) -> float:
 
 #: ``approx="auto"``: banks up to this many rows are searched exactly (below it one GEMM over the
 #: bank is as fast as an inverted-file search; measured by ``defectlab bench --inference``)
-AUTO_EXACT_MAX_ROWS = 8192
-#: lists an ``auto`` inverted-file index probes per query (recall@1 ≈ 0.997 on patch features)
-AUTO_NPROBE = 8
+AUTO_EXACT_MAX_ROWS = 4096
+#: lists an ``auto`` inverted file probes per query (recall@1 ≈ 0.996 on PatchCore's smoke patch
+#: features, docs/performance.md)
+AUTO_NPROBE = 6
 
 
 def auto_index_factory(n_rows: int, device: str | torch.device = "cpu") -> str | None:
-    """The faiss index ``approx="auto"`` builds for a bank of ``n_rows`` rows, or None (exact search).
+    """The index ``approx="auto"`` builds for a bank of ``n_rows`` rows, or None (exact search).
 
     Exact on CUDA (one GEMM per batch is already far below the backbone's forward there) and for
     banks of up to ``AUTO_EXACT_MAX_ROWS`` rows; above, an inverted file of uncompressed vectors
-    (``IVF<L>,Flat``: distances to the found neighbours are exact) with L ≈ 4·√N lists, the power of
-    two nearest it (at most N/39), so a query costs ~(L + nprobe·N/L)·d instead of N·d."""
+    searched by grouped matrix products (``gemm-IVF<L>``, ``GemmIVF``: distances to the found
+    neighbours are exact) with L ≈ 1.6·√N lists, the power of two nearest it (at most N/39, as
+    faiss' k-means wants), so a query costs ~(L + nprobe·N/L)·d instead of N·d."""
     if torch.device(device).type == "cuda" or n_rows <= AUTO_EXACT_MAX_ROWS:
         return None
-    # at most N/39 lists: faiss' k-means wants >= 39 training points per list
-    lists = min(2 ** round(math.log2(4 * math.sqrt(n_rows))), 2 ** int(math.log2(n_rows / 39)))
-    return f"IVF{lists},Flat"
+    lists = min(2 ** round(math.log2(1.6 * math.sqrt(n_rows))), 2 ** int(math.log2(n_rows / 39)))
+    return f"gemm-IVF{lists}"
+
+
+class GemmIVF:
+    """An inverted file (k-means lists of uncompressed bank rows) searched with matrix products.
+
+    faiss' ``IVF<L>,Flat`` scans each query's lists one query at a time; here the (query, probed
+    list) pairs of a whole batch are grouped by list and each list is scored against all the
+    queries that probe it in one ``addmm``, which runs near the CPU's GEMM peak. Same neighbours
+    as faiss' IVF with the same lists and probes; found distances are exact (a missed neighbour
+    can only overstate a distance, as with any inverted file)."""
+
+    def __init__(self, bank: torch.Tensor, lists: int, nprobe: int, seed: int = 0):
+        import faiss
+
+        data = bank.float().cpu().contiguous().numpy()
+        lists = max(1, min(int(lists), len(data)))
+        km = faiss.Kmeans(data.shape[1], lists, niter=20, seed=seed)
+        km.train(data)
+        _, assign = km.index.search(data, 1)
+        assign = torch.from_numpy(assign[:, 0]).long()
+        self.order = torch.argsort(assign, stable=True)          # list-sorted row -> bank row
+        self.rows = bank.float().cpu()[self.order].contiguous()
+        self.rows_sq = (self.rows * self.rows).sum(1)
+        self.centroids = torch.from_numpy(km.centroids).float()
+        self.centroids_sq = (self.centroids * self.centroids).sum(1)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                                  torch.bincount(assign, minlength=lists).cumsum(0)]).tolist()
+        self.lists, self.nprobe = lists, max(1, min(int(nprobe), lists))
+
+    def search(self, query: torch.Tensor, k: int = 1, max_block: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances and bank indices of the ``k`` nearest rows found, (Q, k); rows not
+        found (fewer than k in the probed lists) have distance inf and index -1."""
+        q = query.float().cpu().contiguous()
+        n, p = q.shape[0], self.nprobe
+        coarse = torch.addmm(self.centroids_sq[None], q, self.centroids.T, alpha=-2)
+        probe = (coarse.min(1, keepdim=True).indices if p == 1 else coarse.topk(p, dim=1, largest=False).indices)
+        pair_list = probe.reshape(-1)
+        perm = torch.argsort(pair_list, stable=True)              # (query, list) pairs grouped by list
+        pair_query = torch.div(perm, p, rounding_mode="floor")
+        counts = torch.bincount(pair_list, minlength=self.lists).tolist()
+        pd = torch.full((n * p, k), float("inf"))
+        pi = torch.full((n * p, k), -1, dtype=torch.long)
+        start = 0
+        for lst, c in enumerate(counts):
+            a, b = self.offsets[lst], self.offsets[lst + 1]
+            if c and b > a:
+                kk = min(k, b - a)
+                rows, rows_sq = self.rows[a:b], self.rows_sq[a:b][None]
+                step = max(1, max_block // (b - a))               # bound the (queries × rows) block
+                for s0 in range(start, start + c, step):
+                    s1 = min(s0 + step, start + c)
+                    part = torch.addmm(rows_sq, q.index_select(0, pair_query[s0:s1]), rows.T, alpha=-2)
+                    v, i = part.min(1, keepdim=True) if kk == 1 else part.topk(kk, dim=1, largest=False)
+                    pd[s0:s1, :kk], pi[s0:s1, :kk] = v, i + a
+            start += c
+        out_d, out_i = torch.empty_like(pd), torch.empty_like(pi)
+        out_d[perm], out_i[perm] = pd, pi                          # back to (query, probe) order
+        out_d, out_i = out_d.reshape(n, p * k), out_i.reshape(n, p * k)
+        v, j = (out_d.min(1, keepdim=True) if p * k == 1 or k == 1 else out_d.topk(k, dim=1, largest=False))
+        i = out_i.gather(1, j)
+        d = v + (q * q).sum(1, keepdim=True)
+        found = i >= 0
+        return torch.where(found, d, torch.full_like(d, float("inf"))), torch.where(found, self.order[i.clamp_min(0)], i)
 
 
 class NearestNeighbourIndex:
@@ -394,7 +458,7 @@ class NearestNeighbourIndex:
     """
 
     def __init__(self, bank: torch.Tensor, *, backend: str = "torch", approx: str | None = None,
-                 chunk: int = 4096, nprobe: int = 64):
+                 chunk: int = 4096, nprobe: int | None = None):
         self.bank = bank.float().contiguous()
         if approx == "auto":
             approx, nprobe = auto_index_factory(len(self.bank), self.bank.device), AUTO_NPROBE
@@ -406,7 +470,15 @@ class NearestNeighbourIndex:
         self.chunk = chunk
         self._index = None
         self._bank_sq = None
-        if self.backend == "faiss":
+        if approx and approx.startswith("gemm-IVF"):
+            try:
+                lists = int(approx[len("gemm-IVF"):])
+            except ValueError:
+                raise ValueError(f"knn_approx {approx!r}: expected gemm-IVF<number of lists>, e.g. gemm-IVF256") from None
+            self.backend = "gemm-ivf"
+            self._index = GemmIVF(self.bank, lists, nprobe or AUTO_NPROBE)
+            self.factory = f"gemm-IVF{self._index.lists}"
+        elif self.backend == "faiss":
             import faiss
 
             d = self.bank.shape[1]
@@ -416,13 +488,20 @@ class NearestNeighbourIndex:
                 index.train(data)
             index.add(data)
             if hasattr(index, "nprobe"):
-                index.nprobe = nprobe
+                index.nprobe = nprobe or 64
             self._index = index
         elif self.backend != "torch":
             raise ValueError(f"unknown kNN backend {backend!r} (torch or faiss)")
 
     def search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean distances (not squared) and indices of the ``k`` nearest bank entries, (Q, k)."""
+        if isinstance(self._index, GemmIVF):
+            d, i = self._index.search(query.detach(), k)
+            d = d.clamp_min_(0).sqrt_()
+            short = (i < 0).any(1)                      # fewer than k rows in the probed lists
+            if short.any():
+                d[short], i[short] = (t.to(d.device) for t in self.exact_search(query[short], k))
+            return d, i
         if self._index is not None:
             d, i = self._index.search(query.detach().float().cpu().numpy(), k)
             return torch.from_numpy(d).clamp_min_(0).sqrt_(), torch.from_numpy(i)

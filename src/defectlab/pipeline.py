@@ -757,7 +757,8 @@ def defects_for_spro(samples, size: int | None = None, config_required: bool = F
     area is its own area (sPRO then reduces to a per-defect PRO).
     ``config_required`` (an MVTec LOCO dataset): a category without defects_config.json is an
     error, not a silent per-defect PRO reported as sPRO."""
-    return [_defects_of(s, {}, size, config_required) for s in samples]
+    configs: dict = {}                                   # one defects_config.json read per category
+    return [_defects_of(s, configs, size, config_required) for s in samples]
 
 
 def _defects_of(sample, configs: dict, size: int | None, config_required: bool) -> list[tuple[np.ndarray, float]]:

@@ -124,7 +124,7 @@ class MSPSVDDConfig(StrictModel):
     score_window: int = Field(8, ge=1, description="image score window (Eq. 9)")
     score_stride: int = Field(4, ge=1)
     knn_backend: Literal["torch", "faiss"] = "torch"
-    knn_approx: str | None = Field("auto", description="auto | exact | faiss index-factory string "
+    knn_approx: str | None = Field("auto", description="auto | exact | gemm-IVF<lists> | faiss index-factory string "
                                                          "(as PatchCore's: memory.auto_index_factory)")
     knn_rescore: int = Field(16, ge=0, description="per image, this many largest patch distances re-searched "
                                                    "exactly when the index is approximate (memory.rescore_top)")

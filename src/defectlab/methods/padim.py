@@ -7,6 +7,10 @@ concatenation of layers 1–3 (deeper layers upsampled) reduced to a fixed rando
 channels. Σ_ij is regularised by εI (ε = 0.01). A test patch's score is its Mahalanobis
 distance to its position's Gaussian; the map is upsampled and Gaussian-smoothed (σ = 4), the
 image score is the map's maximum.
+
+With n ≤ d/2 training images, Σ_ij⁻¹ = (I − ZᵀZ)/ε exactly for an n × d matrix Z per position
+(Woodbury), so the model keeps Z instead of the d × d inverse and scores a patch in n·d instead of
+d² operations: (|δ|² − |Zδ|²)/ε.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class PaDiM(AnomalyMethod):
         self.extractor: FeatureExtractor | None = None
         self.channels: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None       # (P, d)
-        self.inv_cov: torch.Tensor | None = None    # (P, d, d)
+        self.inv_cov: torch.Tensor | None = None    # (P, d, d), or None when ``factor`` holds Σ⁻¹
+        self.factor: torch.Tensor | None = None     # (P, n, d): Σ⁻¹ = (I − ZᵀZ)/ε, when n ≤ d/2
         self.grid: tuple[int, int] | None = None
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,6 +83,8 @@ class PaDiM(AnomalyMethod):
         #    Σ⁻¹ = (εI + YᵀY)⁻¹ = (I − Yᵀ(εI + YYᵀ)⁻¹Y) / ε — an n x n inverse instead of d x d
         #    (2x faster at n = 60, d = 100 and at n = 200, d = 550; as accurate). Batched LAPACK runs
         #    one small factorisation per matrix (~6 GFLOP/s here), so the smaller one matters.
+        #    With n ≤ d/2 the model keeps Z = L⁻¹Y (LLᵀ = εI + YYᵀ), so Σ⁻¹ = (I − ZᵀZ)/ε: n x d per
+        #    position instead of d x d, and predict's cost per patch drops from d² to n·d.
         #  * otherwise stream sufficient statistics: float32 second moments P x d x d (the size of the
         #    model: 4 096 x 550² = 5 GB for WRN-50 at 256 px), folded in from a buffer of up to
         #    BUFFER_BYTES with one batched matmul per fill, then the covariance formed and
@@ -85,6 +92,7 @@ class PaDiM(AnomalyMethod):
         from tqdm.auto import tqdm
 
         n_images = len(ctx.data.train)
+        self.factor = self.inv_cov = None
         s1 = s2 = ref = buf = None
         n = k = 0
         woodbury = False
@@ -118,13 +126,21 @@ class PaDiM(AnomalyMethod):
             n += b
         if woodbury:
             mean_c = torch.empty(h * w, d, dtype=torch.float64, device=buf.device)   # of the shifted data
-            self.inv_cov = torch.empty(h * w, d, d, device=buf.device)
+            low_rank = 2 * n <= d
+            if low_rank:
+                self.factor, self.inv_cov = buf[:, :n], None                       # Z, filled in place
+            else:
+                self.inv_cov = torch.empty(h * w, d, d, device=buf.device)
             for i in range(0, h * w, 256):
                 mean_c[i:i + 256] = buf[i:i + 256, :n].mean(1, dtype=torch.float64)
                 y = buf[i:i + 256, :n].sub_(mean_c[i:i + 256, None].float()).div_(max(n - 1, 1) ** 0.5)
                 g = y @ y.transpose(1, 2)                              # n x n
                 g.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
-                m = torch.cholesky_inverse(torch.linalg.cholesky(g))
+                chol = torch.linalg.cholesky(g)
+                if low_rank:                                           # Z = L⁻¹Y, in place of Y
+                    y.copy_(torch.linalg.solve_triangular(chol, y, upper=False))
+                    continue
+                m = torch.cholesky_inverse(chol)
                 inv = self.inv_cov[i:i + 256]
                 inv.copy_(torch.eye(d, device=buf.device))
                 inv.baddbmm_(y.transpose(1, 2), m @ y, alpha=-1).div_(cfg.epsilon)
@@ -139,24 +155,44 @@ class PaDiM(AnomalyMethod):
                 cov.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
             self.inv_cov = s2
         del buf
+        if self.factor is not None:
+            self.factor = self.factor.contiguous()
         self.mean = (ref[:, 0].double() + mean_c).float()
         self.meta.update({"image_size": ctx.image_size, "grid": list(self.grid), "n_train_images": n})
-        return {"n_train_images": n, "n_positions": h * w, "n_features": d, "woodbury": float(woodbury)}
+        return {"n_train_images": n, "n_positions": h * w, "n_features": d, "woodbury": float(woodbury),
+                "low_rank": float(self.factor is not None)}
+
+    def inverse_covariance(self) -> torch.Tensor:
+        """Σ⁻¹ per position, (P, d, d), whichever form the model keeps."""
+        if self.factor is None:
+            return self.inv_cov
+        d = self.factor.shape[-1]
+        eye = torch.eye(d, dtype=self.factor.dtype, device=self.factor.device)
+        return torch.baddbmm(eye.expand(len(self.factor), d, d), self.factor.transpose(1, 2), self.factor,
+                             alpha=-1) / self.config.epsilon
+
+    def squared_mahalanobis(self, delta: torch.Tensor) -> torch.Tensor:
+        """δᵀΣ⁻¹δ for deviations ``delta`` (P, B, d) from each position's mean -> (P, B)."""
+        if self.factor is None:
+            return torch.einsum("pbi,pij,pbj->pb", delta, self.inv_cov, delta).clamp_min_(0)
+        zd = torch.bmm(delta, self.factor.transpose(1, 2))                     # P, B, n
+        return (delta.square().sum(-1) - zd.square().sum(-1)).div_(self.config.epsilon).clamp_min_(0)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self._embed(images)
         b, d, h, w = e.shape
         delta = e.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # P, B, d
-        m2 = torch.einsum("pbi,pij,pbj->pb", delta, self.inv_cov, delta).clamp_min_(0)
-        scores = m2.sqrt().T.reshape(b, h, w)
+        scores = self.squared_mahalanobis(delta).sqrt().T.reshape(b, h, w)
         maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
         return maps.flatten(1).max(1).values, maps
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The inverse covariances are symmetric: stored as their upper triangles (d(d+1)/2 values per
         position instead of d², exact), which halves the model file (5 → 2.5 GB per category for
-        WRN-50 at 256 px, d = 550)."""
+        WRN-50 at 256 px, d = 550); a low-rank model stores its n x d factors."""
+        if self.factor is not None:
+            return {"channels": self.channels, "mean": self.mean, "factor": self.factor, **extractor_state(self.extractor)}
         iu = torch.triu_indices(*self.inv_cov.shape[1:], device=self.inv_cov.device)
         packed = torch.empty(self.inv_cov.shape[0], iu.shape[1], dtype=self.inv_cov.dtype, device=self.inv_cov.device)
         for i in range(0, len(packed), 256):          # by chunks: no second full-size temporary
@@ -166,7 +202,10 @@ class PaDiM(AnomalyMethod):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.channels = tensors["channels"].cpu()
         self.mean = tensors["mean"]
-        if "inv_cov" in tensors:                      # models saved before the packed format
+        self.factor = self.inv_cov = None
+        if "factor" in tensors:
+            self.factor = tensors["factor"]
+        elif "inv_cov" in tensors:                      # models saved before the packed format
             self.inv_cov = tensors["inv_cov"]
         else:
             packed, d = tensors["inv_cov_triu"], self.mean.shape[1]

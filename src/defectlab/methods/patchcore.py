@@ -18,10 +18,9 @@ import time
 from typing import Literal
 
 import torch
-
-from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from pydantic import Field
 
+from defectlab.backbones import FeatureExtractor, backbone_for_fit, extractor_from_state, extractor_state
 from defectlab.config import StrictModel
 from defectlab.memory import (CORESET_CHUNK, CORESET_EXACT_MAX, FeatureStore, NearestNeighbourIndex, chunked_coreset, greedy_coreset,
                               local_patch_features, patch_scores_to_maps, random_projection, rescore_top)
@@ -55,9 +54,10 @@ class PatchCoreConfig(StrictModel):
     sigma: float = 4.0
     batch_size: int = 8
     knn_backend: Literal["torch", "faiss"] = "torch"
-    #: auto: exact search on CUDA and for banks up to memory.AUTO_EXACT_MAX_ROWS rows, else a faiss
-    #: inverted file sized to the bank (memory.auto_index_factory); exact / null: always exact; or
-    #: any faiss index-factory string, e.g. "IVF1024,SQfp16" for banks of millions of rows
+    #: auto: exact search on CUDA and for banks up to memory.AUTO_EXACT_MAX_ROWS rows, else an
+    #: inverted file sized to the bank, searched by grouped matrix products (memory.auto_index_factory,
+    #: memory.GemmIVF); exact / null: always exact; gemm-IVF<lists>; or any faiss index-factory
+    #: string, e.g. "IVF1024,SQfp16" for banks of millions of rows
     knn_approx: str | None = "auto"
     #: with an approximate index, each image's this many largest patch distances are re-searched
     #: exactly (memory.rescore_top): the image score is the exact search's
