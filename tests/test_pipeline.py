@@ -29,7 +29,7 @@ def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
     assert "| patchcore | demo | weave |" in (proj / "reports/results.md").read_text()
     assert (proj / "reports/results.png").exists()
     n_stages = first.count("Running stage")
-    assert n_stages == 1 + 1 + 1 + 1 + 2 + 2 + 2 + 1  # prepare, synthesize, backbone, config, pretrain, fit, evaluate, report
+    assert n_stages == 1 + 1 + 1 + 1 + 2 + 2 + 2 + 1 + 1  # prepare, synthesize, backbone, config, pretrain, fit, evaluate, seeds, report
     assert (proj / "models/backbone/demo/ds2/backbone.safetensors").exists()
     for curve in ("roc_image", "pr_image", "roc_pixel", "pr_pixel", "pro"):
         assert json.loads((proj / f"plots/{curve}/patchcore/demo/weave.json").read_text())
@@ -82,7 +82,8 @@ def test_param_changes_dirty_only_what_they_feed(project):
         (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         dirty = _dirty_stages(proj, env)
         assert "config" in dirty and "fit@padim-demo" in dirty
-        assert all("padim" in s for s in dirty - {"config"}), dirty
+        # seeds@demo reads every method's params (with `seeds: [0]` it only writes seeds.json)
+        assert all("padim" in s for s in dirty - {"config", "seeds@demo"}), dirty
         assert not any("patchcore" in s for s in dirty)
         # a fit-only setting: once `config` has rewritten the phase files (identical for pretrain),
         # pretraining is still up to date; only fit (and what follows) reruns

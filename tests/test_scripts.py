@@ -118,6 +118,23 @@ def test_slsg_eval_runs_on_a_tiny_demo(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_search_times_every_index_against_exact_search(tmp_path):
+    root = tiny_demo(tmp_path / "demo", ["weave"])
+    out = tmp_path / "s.json"
+    run("bench_search.py", "--root", str(root), "--category", "weave", "--image-size", "128", "--images", "2",
+        "--repeat", "1", "--ivf", "4:2", "--hnsw", "8:16", "--gemm", "4:2,4:4,64:2", "--out", str(out))
+    res = json.loads(out.read_text())
+    rows = {r["search"]: r for r in res["rows"]}
+    assert res["bank_rows"] == round(0.1 * 3 * 32 * 32) and res["queries_per_image"] == 32 * 32
+    assert rows["exact (chunked GEMM + minimum)"]["recall_at_1"] == 1.0
+    assert rows["backbone forward (floor)"]["ratio_to_floor"] == 1.0
+    assert not any("IVF64" in name for name in rows)                        # 64 lists > 307 rows / 39: skipped
+    # probing all 4 lists is exact search; 2 of 4 finds most neighbours
+    assert rows["gemm-IVF4, 4 probes"]["recall_at_1"] == 1.0
+    assert 0.5 < rows["gemm-IVF4, 2 probes"]["recall_at_1"] <= 1.0
+    assert 0.5 < rows["faiss IVF4,Flat, probes 2"]["recall_at_1"] <= 1.0
+
+
 def test_bench_export_times_and_checks_parity_on_a_tiny_demo(tmp_path):
     out = tmp_path / "b.json"
     run("bench_export.py", "--out", str(out), "--image-size", "64", "--n", "4", "--repeats", "1", "--batch", "4")

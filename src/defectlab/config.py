@@ -207,6 +207,17 @@ class Params:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"{where}: seed: must be an integer (got {seed!r})")
         self.seed: int = seed
+        seeds = raw.get("seeds")
+        if seeds is None:
+            seeds = [seed]
+        if not isinstance(seeds, list) or not seeds or \
+                any(not isinstance(s, int) or isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}: seeds: must be a list of distinct integers, e.g. [0, 1, 2] (got {seeds!r})")
+        if seed not in seeds:
+            raise ConfigError(f"{where}: seeds: must contain seed ({seed}), the run that is deployed; got {seeds}")
+        #: the seeds the results table reports mean ± std over: ``seed`` (the pipeline's models) and
+        #: the extra ones, which the `seeds` stage runs from scratch (pipeline.extra_seeds)
+        self.seeds: list[int] = list(seeds)
         device = raw.get("device", "auto")
         if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
             raise ConfigError(f"{where}: device: must be auto, cpu, cuda or cuda:N (got {device!r})")

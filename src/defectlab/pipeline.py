@@ -908,7 +908,7 @@ def evaluate(params: Params, method: str, dataset: str, category: str, layout: L
         metrics, curve_data = metrics_for(out, ev, eval_samples(model, data), inp.image_size,
                                           spro_config_required=spec.source == "mvtec_loco")
     fit_stats = model.meta.get("fit", {})
-    metrics.update({"fit_seconds": fit_stats.get("fit_seconds"),
+    metrics.update({"seed": params.seed, "fit_seconds": fit_stats.get("fit_seconds"),
                     "train_seconds": model.meta.get("train", {}).get("train_seconds", 0.0),   # train stage (0: none)
                     "inference_seconds": seconds,
                     "images_per_second": len(out["scores"]) / max(seconds, 1e-9), "peak_rss_mb": peak_rss_mb(),
@@ -1003,11 +1003,106 @@ def _publish_results(kept: Path, dest: dict, category: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# seeds: the extra seeds of ``seeds`` (mean ± std in the results table)
+# ---------------------------------------------------------------------------------------------
+def seeds_dir(dataset: str, layout: Layout = Layout()) -> Path:
+    """The `seeds` stage's output: ``metrics/seeds/<ds>/<method>/<category>/seed-<s>.json``."""
+    return layout.root / "metrics" / "seeds" / dataset
+
+
+def seed_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
+    """Digest of everything one extra-seed run of a category reads: the fit's inputs without the
+    checkpoints (the run trains its own), the evaluation params."""
+    import hashlib
+
+    from defectlab.tracking import versions
+
+    _, cfg = load_method_config(params, method)
+    key = {"method": method, "config": cfg.model_dump(mode="json"), "seed": params.seed,
+           "dataset": params.dataset(dataset).model_dump(mode="json"), "device": params.device,
+           "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
+           "evaluation": params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
+           "backbone": params.raw.get("backbone"), "synthesis": params.raw.get("synthesis"),
+           "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
+           "pretrain_manifest": _tree_sha256(layout.prepared(dataset) / "pretrain_manifest.csv"),
+           "code": _code_sha256(), "versions": versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def extra_seeds(params: Params, dataset: str, layout: Layout = Layout(), progress: bool = True,
+                each: Callable[[str, str, int, dict], None] | None = None) -> dict:
+    """The `seeds` stage: for every seed of ``seeds`` other than ``seed``, every method of
+    ``run.methods`` on every category of ``run.categories``, from scratch as the pipeline runs it
+    (synthesis, the DS2 backbone when a method reads it, pretraining, per-category training, fit,
+    evaluation), in a scratch folder under ``work/`` on the same prepared data and split; nothing
+    is deployed or registered. Each run's test metrics go to ``seeds_dir(dataset)/<m>/<cat>/seed-<s>.json``
+    (with the digest of its inputs beside it: a later stage run keeps a result whose inputs did
+    not change instead of training again). ``report`` turns them into mean ± std columns.
+    ``seeds`` absent or ``[seed]``: writes only ``seeds.json``."""
+    import tempfile
+
+    from defectlab.methods import get_method
+
+    extra = [s for s in params.seeds if s != params.seed]
+    final = seeds_dir(dataset, layout)
+    out: dict = {}
+    with atomic_dir(final) as tmp:
+        write_json(tmp / "seeds.json", {"seed": params.seed, "seeds": params.seeds, "extra": extra,
+                                        "methods": params.run.methods, "categories": params.run.categories})
+        for s in extra:
+            p = with_seed(params, s)
+            todo = []
+            for method in params.run.methods:
+                for category in params.run.categories:
+                    rel = Path(method) / category / f"seed-{s}"
+                    key = seed_inputs_sha256(p, method, dataset, category, layout)
+                    old = final / rel.with_suffix(".json")
+                    if (final / rel.with_suffix(".sha256")).exists() and old.exists() and \
+                            (final / rel.with_suffix(".sha256")).read_text().strip() == key:
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        for suffix in (".json", ".sha256"):
+                            shutil.copy2(final / rel.with_suffix(suffix), tmp / rel.with_suffix(suffix))
+                        out.setdefault(method, {})[f"{category}/seed-{s}"] = json.loads(old.read_text())
+                    else:
+                        todo.append((method, category, rel, key))
+            if not todo:
+                continue
+            (layout.root / "work").mkdir(exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f"seeds-{dataset}-{s}-", dir=layout.root / "work"))
+            try:
+                lay = Layout(root=scratch)
+                lay.prepared(dataset).parent.mkdir(parents=True)
+                lay.prepared(dataset).symlink_to(layout.prepared(dataset).resolve(), target_is_directory=True)
+                synthesize_dataset(p, dataset, lay)
+                methods = list(dict.fromkeys(m for m, *_ in todo))
+                configs = {m: load_method_config(p, m) for m in methods}
+                if any(cls.shared_backbone or getattr(cfg, "weights", None) == "ds2" for cls, cfg in configs.values()):
+                    train_backbone(p, dataset, lay, progress)
+                for method in methods:
+                    pretrain(p, method, dataset, lay, progress)
+                for method, category, rel, key in todo:
+                    if get_method(method).trains_per_category:
+                        train(p, method, dataset, category, lay, progress)
+                    fit(p, method, dataset, category, lay, progress)
+                    metrics = evaluate(p, method, dataset, category, lay, progress)
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    write_json(tmp / rel.with_suffix(".json"), {**metrics, "seed": s})
+                    (tmp / rel.with_suffix(".sha256")).write_text(key + "\n")
+                    out.setdefault(method, {})[f"{category}/seed-{s}"] = metrics
+                    if each is not None:
+                        each(method, category, s, metrics)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # benchmark: one method on any MVTec-format folder, outside the DVC pipeline
 # ---------------------------------------------------------------------------------------------
 def with_seed(params: Params, seed: int) -> Params:
-    """``params`` with its top-level ``seed`` replaced (profile and every other key as they are)."""
-    return Params({**params.raw, "seed": seed}, params.path)
+    """``params`` with its top-level ``seed`` replaced (profile and every other key as they are) and
+    ``seeds`` dropped: a run of one seed."""
+    return Params({**{k: v for k, v in params.raw.items() if k != "seeds"}, "seed": seed}, params.path)
 
 
 def parse_seeds(text: str, where: str = "--seeds") -> list[int]:

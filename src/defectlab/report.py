@@ -260,6 +260,59 @@ def fmt_mean_std(entry: dict | None, decimals: int = 3) -> str:
     return f"{mean:.{decimals}f}" + ("" if std is None else f" ± {std:.{decimals}f}")
 
 
+def collect_seeds(root: Path, rows: list[dict]) -> dict:
+    """{(method, dataset, category): {seed: metrics}}: the `seeds` stage's extra-seed runs
+    (metrics/seeds/<ds>/<m>/<cat>/seed-<s>.json) with the pipeline's own run (``rows``) as its seed.
+    Empty when no extra seed ran."""
+    extra = sorted((root / "metrics" / "seeds").glob("*/*/*/seed-*.json"))
+    if not extra:
+        return {}
+    out: dict = {}
+    main = {}                                   # each dataset's pipeline seed, as the seeds stage saw it
+    for info in (root / "metrics" / "seeds").glob("*/seeds.json"):
+        main[info.parent.name] = json.loads(info.read_text()).get("seed", 0)
+    for r in rows:
+        seed = r.get("seed", main.get(r["dataset"], 0))
+        out.setdefault((r["method"], r["dataset"], r["category"]), {})[seed] = r
+    for path in extra:
+        dataset, method, category = path.parts[-4:-1]
+        m = json.loads(path.read_text())
+        out.setdefault((method, dataset, category), {})[int(m.get("seed", path.stem.split("-", 1)[1]))] = m
+    return out
+
+
+#: the columns of the mean ± std table
+SEED_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "spro", "image_auroc_logical")
+
+
+def seeds_table(per_cell: dict) -> tuple[str, dict]:
+    """Markdown table of mean ± std over seeds per method × category, and per method × dataset the
+    mean over categories computed per seed, then mean ± std over the seeds that cover every
+    category (as the papers report: std over seeds, not over categories); and that summary as
+    {dataset: {method: {metric: {"mean", "std", "n", "values"}, "seeds": [...]}}}."""
+    cols = [c for c in SEED_COLUMNS if any(m.get(c) is not None for runs in per_cell.values() for m in runs.values())]
+    header = ["method", "dataset", "category", *cols, "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    summary_out: dict = {}
+    for (method, dataset) in sorted({(m, d) for m, d, _ in per_cell}, key=lambda x: (x[1], x[0])):
+        cats = sorted(c for m, d, c in per_cell if (m, d) == (method, dataset))
+        for cat in cats:
+            runs = per_cell[(method, dataset, cat)]
+            stats = seed_summary(dict(sorted(runs.items())))
+            lines.append("| " + " | ".join([method, dataset, cat, *(fmt_mean_std(stats.get(c)) for c in cols),
+                                            ",".join(map(str, sorted(runs)))]) + " |")
+        common = sorted(set.intersection(*(set(per_cell[(method, dataset, c)]) for c in cats)))
+        per_seed = {s: {c: float(np.mean(vals)) for c in cols
+                        if (vals := [per_cell[(method, dataset, k)][s][c] for k in cats
+                                     if per_cell[(method, dataset, k)][s].get(c) is not None])}
+                    for s in common}
+        stats = seed_summary(per_seed)
+        summary_out.setdefault(dataset, {})[method] = {**stats, "seeds": common}
+        lines.append("| " + " | ".join([method, dataset, "**mean**", *(fmt_mean_std(stats.get(c)) for c in cols),
+                                        ",".join(map(str, common))]) + " |")
+    return "\n".join(lines), summary_out
+
+
 def results_table(rows: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table (one row per method × category, plus per-method means) and CSV rows."""
     cols = [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)] + COST_COLUMNS
@@ -338,15 +391,31 @@ def build_report(root: Path = Path("."), out_dir: Path = Path("reports")) -> Pat
     from defectlab.io import write_json
 
     rows = collect(root)
+    seeds_md, seeds_summary = seeds_table(per_cell) if (per_cell := collect_seeds(root, rows)) else ("", {})
     if Path(out_dir).resolve() == (root / "reports").resolve():
-        write_json(root / "metrics" / "summary.json", summary(rows))
+        summ = summary(rows)
+        for dataset, methods in seeds_summary.items():        # mean and std over seeds, beside seed's figures
+            for method, stats in methods.items():
+                entry = summ.setdefault(dataset, {}).setdefault(method, {})
+                entry["seeds"] = len(stats["seeds"])
+                for c in SUMMARY_METRICS:
+                    if (stats.get(c) or {}).get("mean") is not None:
+                        entry[f"{c}_seeds_mean"] = round(stats[c]["mean"], 4)
+                        entry[f"{c}_seeds_std"] = None if stats[c]["std"] is None else round(stats[c]["std"], 4)
+        write_json(root / "metrics" / "summary.json", summ)
         compare_plots(root, rows, root / "plots" / "compare")
     table, csv_rows = results_table(rows)
     md = ["# defectlab results", "",
           "One row per method × category (test split), then per-method means with the paper's figure where the "
           "dataset is the paper's. Costs: train_seconds (the per-category `train` stage, 0 when the method has none), "
           "fit_seconds (feature extraction + fit), images_per_second (inference), "
-          "peak_rss_mb (evaluate process).", "", table, "", *substitution_notes(rows), "![heatmaps](results.png)", ""]
+          "peak_rss_mb (evaluate process).", "", table, "", *substitution_notes(rows),
+          *(["## Over seeds", "",
+             "Mean ± sample standard deviation over the seeds of `seeds` (the pipeline's `seed` and the extra "
+             "seeds the `seeds` stage trained from scratch on the same data and split). The **mean** rows average "
+             "the categories per seed first, then over the seeds that cover every category.", "",
+             seeds_md, ""] if seeds_md else []),
+          "![heatmaps](results.png)", ""]
     write_text(out_dir / "results.md", "\n".join(md))
     with atomic_path(out_dir / "results.csv") as tmp:
         with open(tmp, "w", newline="") as f:
