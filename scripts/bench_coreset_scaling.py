@@ -101,7 +101,8 @@ def sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log, save) -> list[dict]:
+def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log, save,
+            methods=("auto", "greedy")) -> list[dict]:
     pool = realdev_pool()
     rows, last_exact = [], {}                                 # ratio -> (N, seconds)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as work:
@@ -118,7 +119,7 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
             log(f"N={n}: feature pass {t_feat:.1f} s, peak RSS {feat_peak:.0f} MB, spilled={store.spilled}")
             for ratio in ratios:
                 k = max(1, int(round(ratio * n)))
-                for method in ("auto", "greedy"):
+                for method in methods:
                     row = {"n_patches": n, "ratio": ratio, "bank": k, "method": method, "feature_seconds": t_feat,
                            "feature_cpu_seconds": c_feat,
                            "feature_peak_rss_mb": feat_peak, "spilled": store.spilled}
@@ -132,7 +133,9 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
                             rows.append(row)
                             log(f"  {ratio:.0%} greedy: ~{guess:.0f} s (extrapolated)")
                             continue
-                    model.config = model.config.model_copy(update={"coreset": method})
+                    model.config = model.config.model_copy(update={
+                        "coreset": "auto" if method.startswith("auto") else method,
+                        "coreset_partition": "random" if method == "auto-random" else "kmeans"})
                     reset_peak()
                     t0, c0 = time.perf_counter(), time.process_time()
                     idx = model._select(x, k, 0)
@@ -165,6 +168,7 @@ def accuracy(dev, seeds: int, auroc_chunk: int, demo_train: int, log) -> list[di
     from defectlab.data import load_mask, scan_category
     from defectlab.methods.base import make_loader
     from defectlab.metrics import image_metrics, pixel_metrics
+    from defectlab.memory import min_sq_dists
     from defectlab.methods.patchcore import PatchCore, PatchCoreConfig
 
     sets = [(f"realdev/{c}", scan_category(REALDEV, c), 192, auroc_chunk) for c in ("moon", "tissue", "print")]
@@ -179,10 +183,11 @@ def accuracy(dev, seeds: int, auroc_chunk: int, demo_train: int, log) -> list[di
         masks = np.stack([load_mask(s.mask_paths, size) if s.mask_paths else np.zeros((size, size), bool)
                           for s in data.test])
         extractor = None
-        res = {"greedy": [], "chunked": []}
+        res = {"greedy": [], "chunked": [], "chunked-random": []}
         for seed in range(seeds):
-            for method in ("greedy", "chunked"):
-                kw = {"coreset": method, "batch_size": 16}
+            for method in res:
+                kw = {"coreset": method.split("-")[0], "batch_size": 16,
+                      "coreset_partition": "random" if method == "chunked-random" else "kmeans"}
                 if chunk:
                     kw["coreset_chunk"] = chunk
                 model = PatchCore(PatchCoreConfig(**kw), dev)
@@ -191,6 +196,10 @@ def accuracy(dev, seeds: int, auroc_chunk: int, demo_train: int, log) -> list[di
                     extractor = FeatureExtractor(build_backbone("resnet18", "random", seed=0), ["layer2", "layer3"])
                 model.set_extractor(extractor)
                 info = model.build_bank(train, seed=seed)
+                with torch.no_grad():       # the k-center radius: farthest training patch from the bank
+                    feats = torch.cat([model.embed(b["image"].to(dev)).reshape(-1, model.bank.shape[1])
+                                       for b in train]).float()
+                radius = float(min_sq_dists(feats, (feats * feats).sum(1), model.bank.float()).max().sqrt())
                 scores, maps = [], []
                 for i in range(0, len(test), 16):
                     s, m = model.predict(test[i:i + 16].to(dev))
@@ -199,15 +208,18 @@ def accuracy(dev, seeds: int, auroc_chunk: int, demo_train: int, log) -> list[di
                 scores, maps = torch.cat(scores).numpy(), torch.cat(maps).numpy()
                 res[method].append({"image_auroc": image_metrics(labels, scores)["image_auroc"],
                                     "pixel_auroc": pixel_metrics(masks, maps)["pixel_auroc"],
-                                    "coreset_seconds": info["coreset_seconds"], "n_patches": info["n_patches"]})
+                                    "coreset_seconds": info["coreset_seconds"], "n_patches": info["n_patches"],
+                                    "radius": radius})
         row = {"data": name, "image_size": size, "n_patches": res["greedy"][0]["n_patches"],
                "chunk": chunk or PatchCoreConfig().coreset_chunk, "seeds": seeds}
         row["chunks"] = math.ceil(row["n_patches"] / row["chunk"])
         for method in res:
-            for key in ("image_auroc", "pixel_auroc", "coreset_seconds"):
+            for key in ("image_auroc", "pixel_auroc", "coreset_seconds", "radius"):
                 row[f"{key}_{method}"] = float(np.mean([r[key] for r in res[method]]))
-        row["image_points"] = 100 * (row["image_auroc_chunked"] - row["image_auroc_greedy"])
-        row["pixel_points"] = 100 * (row["pixel_auroc_chunked"] - row["pixel_auroc_greedy"])
+        for method in ("chunked", "chunked-random"):
+            suffix = "" if method == "chunked" else "_random"
+            row[f"image_points{suffix}"] = 100 * (row[f"image_auroc_{method}"] - row["image_auroc_greedy"])
+            row[f"pixel_points{suffix}"] = 100 * (row[f"pixel_auroc_{method}"] - row["pixel_auroc_greedy"])
         out.append(row)
         log(f"{name}: {row['chunks']} chunks, image AUROC {row['image_auroc_greedy']:.4f} greedy / "
             f"{row['image_auroc_chunked']:.4f} chunked ({row['image_points']:+.2f} points), pixel "
@@ -228,12 +240,19 @@ def table(result: dict) -> str:
         lines.append(f"| {r['n_patches']:,} | {r['ratio']:.0%} | {r['method']} | {sel} | {r['fit_seconds']:.1f} | "
                      f"{r['fit_over_features']:.2f} | {cpu} | {rss} |")
     if result.get("accuracy"):
-        lines += ["", "| data | patches | chunks | image AUROC greedy / chunked (points) | pixel AUROC greedy / chunked (points) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| data | patches | chunks | image AUROC greedy / k-means chunks (points) / random chunks (points) "
+                      "| pixel AUROC greedy / k-means chunks / random chunks | k-center radius greedy / k-means / random |",
+                  "|---|---|---|---|---|---|"]
         for a in result["accuracy"]:
+            rnd_i = (f" / {a['image_auroc_chunked-random']:.4f} ({a['image_points_random']:+.2f})"
+                     if "image_points_random" in a else "")
+            rnd_p = (f" / {a['pixel_auroc_chunked-random']:.4f} ({a['pixel_points_random']:+.2f})"
+                     if "pixel_points_random" in a else "")
             lines.append(f"| {a['data']} ({a['image_size']}², {a['seeds']} seeds) | {a['n_patches']:,} | {a['chunks']} | "
-                         f"{a['image_auroc_greedy']:.4f} / {a['image_auroc_chunked']:.4f} ({a['image_points']:+.2f}) | "
-                         f"{a['pixel_auroc_greedy']:.4f} / {a['pixel_auroc_chunked']:.4f} ({a['pixel_points']:+.2f}) |")
+                         f"{a['image_auroc_greedy']:.4f} / {a['image_auroc_chunked']:.4f} ({a['image_points']:+.2f}){rnd_i} | "
+                         f"{a['pixel_auroc_greedy']:.4f} / {a['pixel_auroc_chunked']:.4f} ({a['pixel_points']:+.2f}){rnd_p} | "
+                         + (" / ".join(f"{a[f'radius_{m}']:.3f}" for m in ("greedy", "chunked", "chunked-random"))
+                            if "radius_greedy" in a else "–") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,8 +268,10 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(ns, [next(r["feature_seconds"] for r in rows if r["n_patches"] == n) for n in ns], "k--",
             label="feature pass")
     for ratio, color in zip(sorted({r["ratio"] for r in rows}, reverse=True), ("C0", "C1", "C2")):
-        for method, style in (("greedy", "o-"), ("auto", "s-")):
+        for method, style in (("greedy", "o-"), ("auto", "s-"), ("auto-random", "^:")):
             pts = [r for r in rows if r["ratio"] == ratio and r["method"] == method]
+            if not pts:
+                continue
             meas = [r for r in pts if r["measured"]]
             ax.plot([r["n_patches"] for r in meas], [r["fit_seconds"] for r in meas], style, color=color,
                     mfc=color if method == "greedy" else "white", label=f"fit, {method}, {ratio:.0%}")
@@ -280,6 +301,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="coreset_chunk (default: PatchCoreConfig's)")
     ap.add_argument("--exact-limit", type=float, default=600, help="skip exact greedy predicted above this (s)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--methods", default="auto,greedy",
+                    help="selections to time: auto (coreset: auto, k-means chunks), auto-random (auto with "
+                         "coreset_partition: random), greedy")
     ap.add_argument("--auroc-seeds", type=int, default=3)
     ap.add_argument("--auroc-chunk", type=int, default=8192)
     ap.add_argument("--accuracy-from", help="take the accuracy rows from this earlier JSON (--auroc-seeds 0)")
@@ -311,8 +335,8 @@ def main() -> None:
         tmp.replace(out)
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    save(scaling(dev, sizes, [float(r) for r in args.ratios.split(",")], chunk, args.exact_limit, args.batch, log, save)
-         if sizes else [])
+    save(scaling(dev, sizes, [float(r) for r in args.ratios.split(",")], chunk, args.exact_limit, args.batch, log, save,
+                 methods=args.methods.split(",")) if sizes else [])
     out.with_suffix(".md").write_text(table(result))
     if result["scaling"]:
         plot(result, out.with_suffix(".png"))

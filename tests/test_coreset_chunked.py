@@ -28,13 +28,13 @@ def clustered(seed: int = 0):
 def test_chunked_equals_exact_greedy_up_to_one_chunk_and_auto_is_exact_for_small_banks(monkeypatch):
     """N <= chunk: the very picks of greedy_coreset (same seed), projected or not. PatchCore's
     ``coreset: auto`` selects exactly greedy's picks up to CORESET_EXACT_MAX patches and the
-    chunked ones above; the default stays exact greedy."""
+    chunked ones above; that is the default."""
     x, _ = clustered()
     for proj in (None, 4):
         for seed in (0, 3):
             ref = greedy_coreset(x, 100, proj_dim=proj, seed=seed, batch=16)
             assert torch.equal(chunked_coreset(x, 100, chunk=len(x), proj_dim=proj, seed=seed, batch=16), ref)
-    assert PatchCoreConfig().coreset == "greedy"
+    assert PatchCoreConfig().coreset == "auto"
     model = PatchCore(PatchCoreConfig(coreset="auto", coreset_chunk=256), "cpu")
     assert patchcore_module.CORESET_EXACT_MAX >= len(x)
     exact = greedy_coreset(x, 100, proj_dim=None, seed=5, batch=64)
@@ -59,6 +59,45 @@ def test_chunked_coreset_covers_clustered_data_nearly_as_well_as_greedy():
     chunked = coreset_coverage(x, sel)
     assert chunked <= 1.5 * exact, (chunked, exact)
     assert chunked < 0.5 * rand, (chunked, rand)
+
+
+def test_kmeans_chunks_give_the_spread_out_region_its_share_and_cover_as_greedy_does():
+    """Two regions of 3 000 points, one tight (σ = 0.2) and one spread out (σ = 2), in 6 chunks:
+    exact greedy spends almost all of the bank on the spread-out region. A k-means cell starts with
+    a share proportional to its size (1/6 of the bank each) and must win the rest through the
+    radius-ordered merge and its continued greedy: it ends with the same split, and a k-center
+    radius within 1.2× greedy's; random chunks, each covering both regions with a sixth of the
+    bank, do worse."""
+    g = torch.Generator().manual_seed(0)
+    tight = torch.randn(3000, 6, generator=g) * 0.2
+    wide = torch.randn(3000, 6, generator=g) * 2 + 30
+    x = torch.cat([tight, wide])[torch.randperm(6000, generator=g)]
+    is_wide = (x[:, 0] > 15)
+    n = 300
+    exact = greedy_coreset(x, n, proj_dim=None, batch=16)
+    kmeans = chunked_coreset(x, n, chunk=1000, proj_dim=None, seed=0, batch=16)
+    rand = chunked_coreset(x, n, chunk=1000, proj_dim=None, seed=0, batch=16, partition="random")
+    assert len(set(kmeans.tolist())) == n
+    share = {k: float(is_wide[v].float().mean()) for k, v in (("exact", exact), ("kmeans", kmeans), ("random", rand))}
+    assert share["exact"] > 0.95 and share["kmeans"] > 0.95, share
+    r = {k: coreset_coverage(x, v) for k, v in (("exact", exact), ("kmeans", kmeans), ("random", rand))}
+    assert r["kmeans"] <= 1.2 * r["exact"] and r["random"] > 1.1 * r["kmeans"], r
+
+
+def test_pick_radii_are_the_greedy_radii():
+    """Each pick's distance to the picks before it: for one-at-a-time greedy, the radius that made
+    it the pick (non-increasing), checked against a loop."""
+    from defectlab.memory import _pick_radii
+
+    x, _ = clustered()
+    sel = greedy_coreset(x, 150, proj_dim=None, batch=1)
+    radii = _pick_radii(x[sel], None, block=64)
+    ref = [float("inf")] + [float(torch.cdist(x[sel[k:k + 1]], x[sel[:k]]).min()) for k in range(1, 150)]
+    assert torch.allclose(radii, torch.tensor(ref), rtol=1e-4)
+    assert bool((radii[1:-1] >= radii[2:] - 1e-4).all())
+    bank = x[:10]
+    with_bank = _pick_radii(x[sel], bank, block=64)
+    assert float(with_bank[0]) == pytest.approx(float(torch.cdist(x[sel[:1]], bank).min()), rel=1e-4)
 
 
 def test_chunked_coreset_is_deterministic_per_seed():

@@ -88,7 +88,7 @@ def test_onnx_matches_torch_at_any_batch_size(name, model_dirs, test_images, tmp
 
 
 def test_padim_exports_both_forms_of_its_inverse_covariances(model_dirs, test_images, tmp_path):
-    """PaDiM keeps n x d factors (n ≤ d/2) or the d x d inverses; the graph follows either."""
+    """PaDiM keeps n x d factors (n < d) or the d x d inverses; the graph follows either."""
     cls = get_method("padim")
     model = cls.load(model_dirs["padim"])
     low_rank = model.factor is not None

@@ -253,19 +253,27 @@ CORESET_EXACT_MAX = 65536
 
 
 def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUNK, seed: int = 0,
-                    proj_dim: int | None = 128, covered: torch.Tensor | None = None, **greedy_kw) -> torch.Tensor:
+                    proj_dim: int | None = 128, covered: torch.Tensor | None = None, partition: str = "kmeans",
+                    rounds: int = 8, **greedy_kw) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``features`` (N, D) chosen chunk by chunk, at a cost
     linear in N.
 
     Up to ``chunk`` rows this is ``greedy_coreset`` itself (same picks for the same seed). Above,
-    the rows are shuffled (seeded) into ``ceil(N / chunk)`` chunks of near-equal size, and each
-    chunk gets its share of the ``n`` picks (proportional to its size) from ``greedy_coreset`` run
-    on that chunk alone. Exact greedy costs ~N·n·d, quadratic in N at a fixed coreset ratio; here
-    each chunk costs ~chunk·(n·chunk/N)·d, so the whole costs ~n·chunk·d: linear in N at a fixed
-    ratio. Each chunk is a uniform sample of the data, so every region dense enough to have points
-    in a chunk is covered from each chunk, and a rare point (far from the rest) is picked by its
-    own chunk's greedy; the price is a larger radius in the dense bulk, where the picks of
-    different chunks partly duplicate each other.
+    the rows are split into ``ceil(N / chunk)`` chunks and ``greedy_coreset`` runs on each chunk
+    alone. Exact greedy costs ~N·n·d, quadratic in N at a fixed coreset ratio; here each chunk
+    costs ~chunk·(n·chunk/N)·d, so the whole costs ~n·chunk·d: linear in N at a fixed ratio.
+
+    ``partition="kmeans"`` (default): the chunks are k-means cells of the (projected) features (a
+    cell over 2 × ``chunk`` rows is split at random), so each chunk is one region of feature space
+    and the picks of different chunks do not duplicate each other. Each cell starts with its share
+    of ``n`` proportional to its size; every pick's greedy radius (its distance to the cell's
+    earlier picks) is recorded, and the ``n`` picks with the largest radii over all cells are kept:
+    were the cells independent, exactly the global greedy's picks. A cell all of whose picks are
+    kept may deserve more (a spread-out region needs more of the bank than a tight one of the same
+    size), so its greedy continues, doubling its picks, for up to ``rounds`` rounds, until the
+    kept set stops changing. ``partition="random"``: rows shuffled (seeded) into chunks of
+    near-equal size, each with a share proportional to its size, no merge: every chunk is a sample
+    of the whole data, so the picks of different chunks partly duplicate each other.
 
     ``covered`` (M, D): an existing coreset to continue from (each chunk's greedy starts from it,
     as ``greedy_coreset(covered=...)``). The random projection (``proj_dim``) is made once for all
@@ -275,6 +283,8 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
     n = int(min(max(n, 1), num))
     if chunk < 1:
         raise ValueError(f"coreset chunk must be >= 1 row, got {chunk}")
+    if partition not in ("kmeans", "random"):
+        raise ValueError(f"coreset partition must be kmeans or random, got {partition!r}")
     if num <= chunk:
         return greedy_coreset(features, n, proj_dim=proj_dim, seed=seed, covered=covered, **greedy_kw)
     x = features.float()
@@ -282,23 +292,89 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
         proj = random_projection(dim, proj_dim, seed).to(x.device)
         x = x @ proj
         covered = covered.float().to(x.device) @ proj if covered is not None and len(covered) else covered
-    m = -(-num // chunk)
-    perm = torch.randperm(num, generator=torch.Generator(device="cpu").manual_seed(seed + 2))
-    bounds = [num * i // m for i in range(m + 1)]
-    sizes = np.diff(bounds)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+    if partition == "random":
+        m = -(-num // chunk)
+        perm = torch.randperm(num, generator=gen)
+        bounds = [num * i // m for i in range(m + 1)]
+        parts = [perm[bounds[i]:bounds[i + 1]] for i in range(m)]
+    else:
+        parts = _kmeans_cells(x, -(-num // chunk), chunk, seed, gen)
+    sizes = np.array([len(p) for p in parts])
     # each chunk's share of n: proportional to its size, remainders to the largest fractions
     share = sizes * n / num
     quota = np.floor(share).astype(int)
     quota[np.argsort(-(share - quota), kind="stable")[:n - int(quota.sum())]] += 1
-    out = []
-    for i in range(m):
-        if quota[i] == 0:
-            continue
-        rows = perm[bounds[i]:bounds[i + 1]]
-        sel = greedy_coreset(x[rows.to(x.device)], int(quota[i]), proj_dim=None, seed=seed + i,
-                             covered=covered, **greedy_kw)
-        out.append(rows[sel])
-    return torch.cat(out)
+    picks: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(parts)   # local rows, in pick order
+    radii: list[torch.Tensor] = [torch.empty(0)] * len(parts)
+
+    def extend(i: int, k: int) -> None:
+        part = x[parts[i].to(x.device)]
+        before = part[picks[i].to(x.device)]
+        cov = before if covered is None or not len(covered) else torch.cat([covered, before])
+        sel = greedy_coreset(part, k, proj_dim=None, seed=seed + i, covered=cov if len(cov) else None,
+                             **greedy_kw).cpu()
+        radii[i] = torch.cat([radii[i], _pick_radii(part[sel.to(x.device)], cov if len(cov) else None).cpu()])
+        picks[i] = torch.cat([picks[i], sel])
+
+    for i in range(len(parts)):
+        if quota[i]:
+            extend(i, int(quota[i]))
+    if partition == "random":
+        return torch.cat([parts[i][picks[i]] for i in range(len(parts))])
+    for _ in range(rounds):
+        r = torch.cat(radii)
+        cut = float(torch.topk(r, n).values[-1])            # the smallest radius still kept
+        hungry = [i for i in range(len(parts)) if len(picks[i]) and len(picks[i]) < sizes[i]
+                  and float(radii[i][-1]) > cut]
+        if not hungry:
+            break
+        for i in hungry:                                     # all kept: double its picks
+            extend(i, int(min(len(picks[i]), sizes[i] - len(picks[i]))))
+    r = torch.cat(radii)
+    rows = torch.cat([parts[i][picks[i]] for i in range(len(parts))])
+    return rows[torch.topk(r, n).indices]                    # in merged greedy order
+
+
+def _kmeans_cells(x: torch.Tensor, cells: int, chunk: int, seed: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of ``x`` per k-means cell (faiss, seeded), cells over 2 × ``chunk`` rows split
+    at random into chunks of at most ``chunk``."""
+    import faiss
+
+    data = x.cpu().contiguous().numpy()
+    km = faiss.Kmeans(data.shape[1], cells, niter=20, seed=seed, max_points_per_centroid=256)
+    km.train(data)
+    _, assign = km.index.search(data, 1)
+    assign = torch.from_numpy(assign[:, 0]).long()
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=cells).tolist()
+    parts, start = [], 0
+    for c in counts:
+        rows = order[start:start + c]
+        start += c
+        if c > 2 * chunk:
+            rows = rows[torch.randperm(c, generator=gen)]
+            k = -(-c // chunk)
+            parts += [rows[c * j // k:c * (j + 1) // k] for j in range(k)]
+        elif c:
+            parts.append(rows)
+    return parts
+
+
+def _pick_radii(picks: torch.Tensor, covered: torch.Tensor | None, block: int = 2048) -> torch.Tensor:
+    """For greedy picks in pick order, each one's distance to the picks before it (and to
+    ``covered``): the greedy radius at that pick; the first pick (no coreset yet) gets inf."""
+    q = len(picks)
+    out = torch.full((q,), float("inf"), device=picks.device)
+    if covered is not None and len(covered):
+        out = min_sq_dists(picks, (picks * picks).sum(1), covered.to(picks.device)).sqrt()
+    for s in range(1, q, block):                      # rows s.. against every earlier pick, by blocks
+        d = torch.cdist(picks[s:s + block], picks[:s + block])
+        later = torch.arange(s, min(s + block, q), device=picks.device)[:, None] <= \
+            torch.arange(min(s + block, q), device=picks.device)[None]
+        d[later] = float("inf")
+        out[s:s + block] = torch.minimum(out[s:s + block], d.min(1).values)
+    return out
 
 
 def random_projection(dim: int, proj_dim: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ channels. Σ_ij is regularised by εI (ε = 0.01). A test patch's score is its M
 distance to its position's Gaussian; the map is upsampled and Gaussian-smoothed (σ = 4), the
 image score is the map's maximum.
 
-With n ≤ d/2 training images, Σ_ij⁻¹ = (I − ZᵀZ)/ε exactly for an n × d matrix Z per position
+With n < d training images, Σ_ij⁻¹ = (I − ZᵀZ)/ε exactly for an n × d matrix Z per position
 (Woodbury), so the model keeps Z instead of the d × d inverse and scores a patch in n·d instead of
 d² operations: (|δ|² − |Zδ|²)/ε.
 """
@@ -38,7 +38,9 @@ class PaDiM(AnomalyMethod):
     name = "padim"
     Config = PaDiMConfig
     BUFFER_BYTES = 256 << 20      # embeddings gathered before each fold into the second moments
-    WOODBURY_BYTES = 1 << 30      # n < d: keep all embeddings (P x n x d) up to this size, invert n x n
+    #: n < d: keep all embeddings (P x n x d) and invert n x n, up to this many bytes; None: no cap
+    #: beyond the streaming route's own P x d x d second moments, which are always larger
+    WOODBURY_BYTES: int | None = None
 
     def __init__(self, config: PaDiMConfig, device="cpu"):
         super().__init__(config, device)
@@ -46,7 +48,7 @@ class PaDiM(AnomalyMethod):
         self.channels: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None       # (P, d)
         self.inv_cov: torch.Tensor | None = None    # (P, d, d), or None when ``factor`` holds Σ⁻¹
-        self.factor: torch.Tensor | None = None     # (P, n, d): Σ⁻¹ = (I − ZᵀZ)/ε, when n ≤ d/2
+        self.factor: torch.Tensor | None = None     # (P, n, d): Σ⁻¹ = (I − ZᵀZ)/ε, when n < d
         self.grid: tuple[int, int] | None = None
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,13 +80,14 @@ class PaDiM(AnomalyMethod):
         # Σ_ij⁻¹ for every position, from the embeddings shifted by the first batch's mean (so that
         # float32 loses nothing to cancellation, also for features far from 0; tested against float64
         # with a 1e3 offset). Two exact routes, chosen by the number of images n against d:
-        #  * n < d (PaDiM's usual case: d = 550 for WRN-50, a few hundred images) and the embeddings fit
-        #    in WOODBURY_BYTES: keep them all, Y (n x d per position, centred, / √(n−1)), and use
-        #    Σ⁻¹ = (εI + YᵀY)⁻¹ = (I − Yᵀ(εI + YYᵀ)⁻¹Y) / ε — an n x n inverse instead of d x d
-        #    (2x faster at n = 60, d = 100 and at n = 200, d = 550; as accurate). Batched LAPACK runs
-        #    one small factorisation per matrix (~6 GFLOP/s here), so the smaller one matters.
-        #    With n ≤ d/2 the model keeps Z = L⁻¹Y (LLᵀ = εI + YYᵀ), so Σ⁻¹ = (I − ZᵀZ)/ε: n x d per
-        #    position instead of d x d, and predict's cost per patch drops from d² to n·d.
+        #  * n < d (PaDiM's usual case: d = 550 for WRN-50, a few hundred images): keep them all, Y
+        #    (n x d per position, centred, / √(n−1)), and use Σ⁻¹ = (εI + YᵀY)⁻¹ = (I − Yᵀ(εI + YYᵀ)⁻¹Y) / ε
+        #    — an n x n Cholesky instead of a d x d inverse (2x faster at n = 60, d = 100 and at
+        #    n = 200, d = 550; as accurate; batched LAPACK runs one small factorisation per matrix,
+        #    ~6 GFLOP/s here, so the smaller one matters). The model keeps Z = L⁻¹Y (LLᵀ = εI + YYᵀ),
+        #    so Σ⁻¹ = (I − ZᵀZ)/ε: n x d per position instead of d x d (less memory, and predict's
+        #    cost per patch drops from d² to n·d; the file is larger than the stored triangle only
+        #    for n > d/2, by at most 2x).
         #  * otherwise stream sufficient statistics: float32 second moments P x d x d (the size of the
         #    model: 4 096 x 550² = 5 GB for WRN-50 at 256 px), folded in from a buffer of up to
         #    BUFFER_BYTES with one batched matmul per fill, then the covariance formed and
@@ -111,7 +114,8 @@ class PaDiM(AnomalyMethod):
                 p = h * w
                 self.grid = (h, w)
                 ref = e.mean(0).permute(1, 2, 0).reshape(p, 1, d)      # P, 1, d
-                woodbury = n_images < d and 4 * p * n_images * d <= self.WOODBURY_BYTES
+                cap = 4 * p * d * d if self.WOODBURY_BYTES is None else self.WOODBURY_BYTES
+                woodbury = n_images < d and 4 * p * n_images * d <= cap
                 if woodbury:
                     buf = torch.empty(p, n_images, d, device=e.device)
                 else:
@@ -126,25 +130,13 @@ class PaDiM(AnomalyMethod):
             n += b
         if woodbury:
             mean_c = torch.empty(h * w, d, dtype=torch.float64, device=buf.device)   # of the shifted data
-            low_rank = 2 * n <= d
-            if low_rank:
-                self.factor, self.inv_cov = buf[:, :n], None                       # Z, filled in place
-            else:
-                self.inv_cov = torch.empty(h * w, d, d, device=buf.device)
+            self.factor = buf[:, :n]                                   # Z, filled in place of Y
             for i in range(0, h * w, 256):
                 mean_c[i:i + 256] = buf[i:i + 256, :n].mean(1, dtype=torch.float64)
                 y = buf[i:i + 256, :n].sub_(mean_c[i:i + 256, None].float()).div_(max(n - 1, 1) ** 0.5)
                 g = y @ y.transpose(1, 2)                              # n x n
                 g.diagonal(dim1=1, dim2=2).add_(cfg.epsilon)
-                chol = torch.linalg.cholesky(g)
-                if low_rank:                                           # Z = L⁻¹Y, in place of Y
-                    y.copy_(torch.linalg.solve_triangular(chol, y, upper=False))
-                    continue
-                m = torch.cholesky_inverse(chol)
-                inv = self.inv_cov[i:i + 256]
-                inv.copy_(torch.eye(d, device=buf.device))
-                inv.baddbmm_(y.transpose(1, 2), m @ y, alpha=-1).div_(cfg.epsilon)
-                inv.add_(inv.transpose(1, 2).clone()).mul_(0.5)   # exactly symmetric (stored as a triangle)
+                y.copy_(torch.linalg.solve_triangular(torch.linalg.cholesky(g), y, upper=False))   # Z = L⁻¹Y
         else:
             fold()
             mean_c = s1 / n                                            # of the shifted data, float64
@@ -155,8 +147,6 @@ class PaDiM(AnomalyMethod):
                 cov.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
             self.inv_cov = s2
         del buf
-        if self.factor is not None:
-            self.factor = self.factor.contiguous()
         self.mean = (ref[:, 0].double() + mean_c).float()
         self.meta.update({"image_size": ctx.image_size, "grid": list(self.grid), "n_train_images": n})
         return {"n_train_images": n, "n_positions": h * w, "n_features": d, "woodbury": float(woodbury),

@@ -38,12 +38,16 @@ class PatchCoreConfig(StrictModel):
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     #: greedy: exact greedy over all patches (cost quadratic in the number of patches at a fixed
-    #: ratio); chunked: the patches shuffled into chunks of at most ``coreset_chunk`` and each chunk's
-    #: greedy picks its share of the bank, so the cost grows linearly (memory.chunked_coreset), but
-    #: it costs AUROC (0.7-4 image points in scripts/bench_coreset_scaling.py), so it is opt-in;
+    #: ratio: 5x the feature pass at 1M patches, 10 %); chunked: greedy per chunk of at most
+    #: ``coreset_chunk`` patches, merged (memory.chunked_coreset), so the cost grows linearly (1.8x
+    #: at 1M and 4M) within 0.5 AUROC points of greedy (scripts/bench_coreset_scaling.py);
     #: auto: greedy up to memory.CORESET_EXACT_MAX patches, chunked above
-    coreset: Literal["auto", "greedy", "chunked"] = "greedy"
+    coreset: Literal["auto", "greedy", "chunked"] = "auto"
     coreset_chunk: int = Field(CORESET_CHUNK, ge=256)
+    #: chunked / auto above CORESET_EXACT_MAX: kmeans: chunks are k-means cells of the projected
+    #: features and their picks are merged by greedy radius (memory.chunked_coreset); random: shuffled
+    #: chunks, each with a share proportional to its size (larger k-center radius, see docs/performance.md)
+    coreset_partition: Literal["kmeans", "random"] = "kmeans"
     coreset_proj_dim: int | None = 128
     coreset_batch: int = 64       # points per greedy round (1 = one-at-a-time greedy; see memory.greedy_coreset)
     #: float32: the exact greedy picks; bfloat16: faster distance updates, approximate picks that cost
@@ -70,8 +74,9 @@ class PatchCoreConfig(StrictModel):
 class PatchCore(AnomalyMethod):
     name = "patchcore"
     Config = PatchCoreConfig
-    #: models saved before ``pool_include_pad`` existed averaged the border over image pixels only
-    SAVED_BEFORE_DEFAULTS = {"pool_include_pad": False}
+    #: models saved before ``pool_include_pad`` existed averaged the border over image pixels only;
+    #: before ``coreset_partition``, a chunked coreset (a retrain's extension) used shuffled chunks
+    SAVED_BEFORE_DEFAULTS = {"pool_include_pad": False, "coreset_partition": "random"}
 
     def __init__(self, config: PatchCoreConfig, device="cpu"):
         super().__init__(config, device)
@@ -132,7 +137,7 @@ class PatchCore(AnomalyMethod):
         cfg = self.config
         kw = dict(proj_dim=None, seed=seed, batch=cfg.coreset_batch, precision=cfg.coreset_precision, covered=covered)
         if cfg.coreset == "chunked" or (cfg.coreset == "auto" and len(x) > CORESET_EXACT_MAX):
-            return chunked_coreset(x, n, chunk=cfg.coreset_chunk, **kw)
+            return chunked_coreset(x, n, chunk=cfg.coreset_chunk, partition=cfg.coreset_partition, **kw)
         return greedy_coreset(x, n, **kw)
 
     def _stream_features(self, loader, seed: int, progress: bool, work_dir: str | None):
