@@ -84,6 +84,17 @@ def test_kmeans_chunks_give_the_spread_out_region_its_share_and_cover_as_greedy_
     assert r["kmeans"] <= 1.2 * r["exact"] and r["random"] > 1.1 * r["kmeans"], r
 
 
+def test_kmeans_chunks_on_data_with_duplicates_return_what_exists():
+    """Patch features with few distinct values (flat image regions): each cell's greedy stops
+    when only duplicates are left; the merge keeps every distinct point instead of failing."""
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randn(40, 4, generator=g) * 5
+    x = distinct[torch.randint(40, (3000,), generator=g)]
+    sel = chunked_coreset(x, 300, chunk=500, proj_dim=None, seed=0, batch=8)
+    assert len(set(sel.tolist())) == len(sel) and len(sel) <= 300
+    assert len({tuple(v) for v in x[sel].tolist()}) == 40          # every distinct point, once
+
+
 def test_pick_radii_are_the_greedy_radii():
     """Each pick's distance to the picks before it: for one-at-a-time greedy, the radius that made
     it the pick (non-increasing), checked against a loop."""

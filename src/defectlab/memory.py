@@ -68,7 +68,8 @@ def min_sq_dists(x: torch.Tensor, x_sq: torch.Tensor, others: torch.Tensor, chun
 def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128, n_starts: int = 1,
                    seed: int = 0, batch: int = 1, candidates: int = 4, precision: str = "float32",
                    prune: bool = True, prune_margin: float = 0.9, covered: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D).
+    """Indices of an (approximate) greedy k-center coreset of ``features`` (N, D): ``n`` distinct
+    rows, or fewer when only duplicates of the picks (distance 0) are left.
 
     ``covered`` (M, D): points already in the coreset (an existing memory bank, in the same space
     as ``features``). The greedy then continues from them: the first pick is the point of
@@ -110,6 +111,9 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = x.contiguous()
     x_sq = (x * x).sum(1)
+    # squared distances this small are duplicates: |a|² - 2a·b + |b|² in float32 leaves ~1e-6·|x|²
+    # of rounding where a = b
+    dup = 1e-5 * float(x_sq.max()) if num else 0.0
     if covered is not None and len(covered):
         c = covered.float().to(x.device)
         min_d = min_sq_dists(x, x_sq, c @ proj if proj is not None else c)
@@ -136,6 +140,8 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
             act.revive(x, x_sq, selected)
             prune_margin *= 0.9                      # be more careful from now on
             continue
+        if r2 <= dup:                                # every point left duplicates a pick: none to add
+            break
         radius.add(n_cov + len(selected), r2)
         if b == 1:
             picks_local = [int(top[0])]
@@ -152,7 +158,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, proj_dim: int | None = 128
                 k = int(np.argmax(cur))
                 # stop the round once a non-candidate could be farther: every pick is the one the
                 # one-at-a-time greedy would make (up to ties)
-                if cur[k] <= 0 or (picks_pos and cur[k] < bound):
+                if cur[k] <= dup or (picks_pos and cur[k] < bound):
                     break
                 picks_pos.append(k)
                 np.minimum(cur, dcc[k], out=cur)
@@ -324,6 +330,8 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
         return torch.cat([parts[i][picks[i]] for i in range(len(parts))])
     for _ in range(rounds):
         r = torch.cat(radii)
+        if len(r) < n:                                       # duplicates: a greedy stopped short
+            break
         cut = float(torch.topk(r, n).values[-1])            # the smallest radius still kept
         hungry = [i for i in range(len(parts)) if len(picks[i]) and len(picks[i]) < sizes[i]
                   and float(radii[i][-1]) > cut]
@@ -333,7 +341,7 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
             extend(i, int(min(len(picks[i]), sizes[i] - len(picks[i]))))
     r = torch.cat(radii)
     rows = torch.cat([parts[i][picks[i]] for i in range(len(parts))])
-    return rows[torch.topk(r, n).indices]                    # in merged greedy order
+    return rows[torch.topk(r, min(n, len(r))).indices]       # in merged greedy order
 
 
 def _kmeans_cells(x: torch.Tensor, cells: int, chunk: int, seed: int, gen: torch.Generator) -> list[torch.Tensor]:
