@@ -134,8 +134,8 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
                             log(f"  {ratio:.0%} greedy: ~{guess:.0f} s (extrapolated)")
                             continue
                     model.config = model.config.model_copy(update={
-                        "coreset": "auto" if method.startswith("auto") else method,
-                        "coreset_partition": "random" if method == "auto-random" else "kmeans"})
+                        "coreset": method.split("-")[0],
+                        "coreset_partition": "random" if method.endswith("-random") else "kmeans"})
                     reset_peak()
                     t0, c0 = time.perf_counter(), time.process_time()
                     idx = model._select(x, k, 0)
@@ -268,7 +268,8 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(ns, [next(r["feature_seconds"] for r in rows if r["n_patches"] == n) for n in ns], "k--",
             label="feature pass")
     for ratio, color in zip(sorted({r["ratio"] for r in rows}, reverse=True), ("C0", "C1", "C2")):
-        for method, style in (("greedy", "o-"), ("auto", "s-"), ("auto-random", "^:")):
+        for method, style in (("greedy", "o-"), ("auto", "s-"), ("auto-random", "^:"), ("chunked", "s-"),
+                              ("chunked-random", "^:")):
             pts = [r for r in rows if r["ratio"] == ratio and r["method"] == method]
             if not pts:
                 continue
@@ -301,9 +302,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="coreset_chunk (default: PatchCoreConfig's)")
     ap.add_argument("--exact-limit", type=float, default=600, help="skip exact greedy predicted above this (s)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--methods", default="auto,greedy",
-                    help="selections to time: auto (coreset: auto, k-means chunks), auto-random (auto with "
-                         "coreset_partition: random), greedy")
+    ap.add_argument("--methods", default="auto,chunked,greedy",
+                    help="selections to time (coreset: auto | chunked | greedy); a -random suffix sets "
+                         "coreset_partition: random, e.g. chunked-random")
     ap.add_argument("--auroc-seeds", type=int, default=3)
     ap.add_argument("--auroc-chunk", type=int, default=8192)
     ap.add_argument("--accuracy-from", help="take the accuracy rows from this earlier JSON (--auroc-seeds 0)")

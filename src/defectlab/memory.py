@@ -253,9 +253,9 @@ class _ActiveSet:
 #: ``coreset: chunked``: default rows per chunk (``scripts/bench_coreset_scaling.py``: at a 10 %
 #: ratio the selection then costs about one feature pass, at any N)
 CORESET_CHUNK = 16384
-#: ``coreset: auto``: exact greedy up to this many rows (there it costs 1.3-1.6x the feature pass
-#: at 10 %), chunked above
-CORESET_EXACT_MAX = 65536
+#: ``coreset: auto``: exact greedy up to this many rows (there it costs at most ~2.1x the feature
+#: pass at 10 %, scripts/bench_coreset_scaling.py), chunked above (~1.8x at any size)
+CORESET_EXACT_MAX = 262144
 
 
 def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUNK, seed: int = 0,
