@@ -123,8 +123,8 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
                     row = {"n_patches": n, "ratio": ratio, "bank": k, "method": method, "feature_seconds": t_feat,
                            "feature_cpu_seconds": c_feat,
                            "feature_peak_rss_mb": feat_peak, "spilled": store.spilled}
-                    if method == "greedy" and ratio in last_exact:
-                        n0, t0_ = last_exact[ratio]
+                    if method in ("greedy", "anomalib") and (method, ratio) in last_exact:
+                        n0, t0_ = last_exact[(method, ratio)]
                         guess = t0_ * (n / n0) ** 2
                         if guess > exact_limit:
                             row.update(measured=False, select_seconds=guess, gather_seconds=None,
@@ -133,12 +133,21 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
                             rows.append(row)
                             log(f"  {ratio:.0%} greedy: ~{guess:.0f} s (extrapolated)")
                             continue
-                    model.config = model.config.model_copy(update={
-                        "coreset": method.split("-")[0],
-                        "coreset_partition": "random" if method.endswith("-random") else "kmeans"})
-                    reset_peak()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    idx = model._select(x, k, 0)
+                    if method == "anomalib":          # anomalib's KCenterGreedy on the full features
+                        from anomalib.models.components.sampling import KCenterGreedy
+
+                        full = store.gather(torch.arange(n)).to(dev)
+                        reset_peak()
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        idx = torch.as_tensor(KCenterGreedy(full, ratio).select_coreset_idxs())
+                        del full
+                    else:
+                        model.config = model.config.model_copy(update={
+                            "coreset": method.split("-")[0],
+                            "coreset_partition": "random" if method.endswith("-random") else "kmeans"})
+                        reset_peak()
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        idx = model._select(x, k, 0)
                     sync(dev)
                     t_sel, c_sel = time.perf_counter() - t0, time.process_time() - c0
                     t0 = time.perf_counter()
@@ -151,8 +160,8 @@ def scaling(dev, sizes, ratios, chunk: int, exact_limit: float, batch: int, log,
                                fit_over_features=fit / t_feat, select_cpu_seconds=c_sel,
                                cpu_fit_over_features=(c_feat + c_sel) / c_feat, select_peak_rss_mb=rss_now_mb()[1],
                                fit_peak_rss_mb=max(feat_peak, rss_now_mb()[1]))
-                    if method == "greedy":
-                        last_exact[ratio] = (n, t_sel)
+                    if method in ("greedy", "anomalib"):
+                        last_exact[(method, ratio)] = (n, t_sel)
                     rows.append(row)
                     save(rows)
                     log(f"  {ratio:.0%} {method}: select {t_sel:.1f} s, gather {t_gather:.1f} s, "
@@ -256,6 +265,12 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: legend names of the selections (``auto`` / ``auto-random`` rows were measured above the former
+#: 65 536-patch threshold of ``auto``, i.e. as chunked)
+LABELS = {"greedy": "exact greedy", "auto": "k-means chunks", "auto-random": "random chunks",
+          "chunked": "k-means chunks", "chunked-random": "random chunks", "anomalib": "anomalib KCenterGreedy"}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -269,13 +284,13 @@ def plot(result: dict, path: Path) -> None:
             label="feature pass")
     for ratio, color in zip(sorted({r["ratio"] for r in rows}, reverse=True), ("C0", "C1", "C2")):
         for method, style in (("greedy", "o-"), ("auto", "s-"), ("auto-random", "^:"), ("chunked", "s-"),
-                              ("chunked-random", "^:")):
+                              ("chunked-random", "^:"), ("anomalib", "d--")):
             pts = [r for r in rows if r["ratio"] == ratio and r["method"] == method]
             if not pts:
                 continue
             meas = [r for r in pts if r["measured"]]
             ax.plot([r["n_patches"] for r in meas], [r["fit_seconds"] for r in meas], style, color=color,
-                    mfc=color if method == "greedy" else "white", label=f"fit, {method}, {ratio:.0%}")
+                    mfc=color if method == "greedy" else "white", label=f"fit, {LABELS[method]}, {ratio:.0%}")
             ext = [r for r in pts if not r["measured"]]
             if ext and meas:
                 ax.plot([meas[-1]["n_patches"]] + [r["n_patches"] for r in ext],
@@ -285,7 +300,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("patch features N")
     ax.set_ylabel("seconds")
-    ax.set_title(f"PatchCore fit vs N ({result['device']}; dotted/x: extrapolated; anomalib not measured)",
+    measured = "anomalib KCenterGreedy" if any(r["method"] == "anomalib" for r in rows) else "anomalib not measured"
+    ax.set_title(f"PatchCore fit vs N ({result['device']}; dotted/x: extrapolated; {measured})",
                  fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -304,7 +320,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--methods", default="auto,chunked,greedy",
                     help="selections to time (coreset: auto | chunked | greedy); a -random suffix sets "
-                         "coreset_partition: random, e.g. chunked-random")
+                         "coreset_partition: random, e.g. chunked-random; anomalib: anomalib's KCenterGreedy on "
+                         "the full features (run with an interpreter that has anomalib)")
     ap.add_argument("--auroc-seeds", type=int, default=3)
     ap.add_argument("--auroc-chunk", type=int, default=8192)
     ap.add_argument("--accuracy-from", help="take the accuracy rows from this earlier JSON (--auroc-seeds 0)")
