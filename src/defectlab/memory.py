@@ -318,9 +318,9 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
         part = x[parts[i].to(x.device)]
         before = part[picks[i].to(x.device)]
         cov = before if covered is None or not len(covered) else torch.cat([covered, before])
-        sel = greedy_coreset(part, k, proj_dim=None, seed=seed + i, covered=cov if len(cov) else None,
-                             **greedy_kw).cpu()
-        radii[i] = torch.cat([radii[i], _pick_radii(part[sel.to(x.device)], cov if len(cov) else None).cpu()])
+        cov = cov if len(cov) else None                                   # the cell's first picks
+        sel = greedy_coreset(part, k, proj_dim=None, seed=seed + i, covered=cov, **greedy_kw).cpu()
+        radii[i] = torch.cat([radii[i], _pick_radii(part[sel.to(x.device)], cov).cpu()])
         picks[i] = torch.cat([picks[i], sel])
 
     for i in range(len(parts)):
@@ -344,18 +344,24 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
     return rows[torch.topk(r, min(n, len(r))).indices]       # in merged greedy order
 
 
-def _kmeans_cells(x: torch.Tensor, cells: int, chunk: int, seed: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Row indices of ``x`` per k-means cell (faiss, seeded), cells over 2 × ``chunk`` rows split
-    at random into chunks of at most ``chunk``."""
+def kmeans_lists(x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """k-means (faiss, 20 iterations, seeded) of the rows of ``x``: the (k, D) centroids, the row
+    indices sorted by their nearest centroid (stable), and how many rows each centroid has."""
     import faiss
 
-    data = x.cpu().contiguous().numpy()
-    km = faiss.Kmeans(data.shape[1], cells, niter=20, seed=seed, max_points_per_centroid=256)
+    data = x.float().cpu().contiguous().numpy()
+    km = faiss.Kmeans(data.shape[1], k, niter=20, seed=seed)
     km.train(data)
     _, assign = km.index.search(data, 1)
     assign = torch.from_numpy(assign[:, 0]).long()
-    order = torch.argsort(assign, stable=True)
-    counts = torch.bincount(assign, minlength=cells).tolist()
+    return (torch.from_numpy(km.centroids).float(), torch.argsort(assign, stable=True),
+            torch.bincount(assign, minlength=k).tolist())
+
+
+def _kmeans_cells(x: torch.Tensor, cells: int, chunk: int, seed: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of ``x`` per k-means cell (faiss, seeded), cells over 2 × ``chunk`` rows split
+    at random into chunks of at most ``chunk``."""
+    _, order, counts = kmeans_lists(x, cells, seed)
     parts, start = [], 0
     for c in counts:
         rows = order[start:start + c]
@@ -477,21 +483,13 @@ class GemmIVF:
     can only overstate a distance, as with any inverted file)."""
 
     def __init__(self, bank: torch.Tensor, lists: int, nprobe: int, seed: int = 0):
-        import faiss
-
-        data = bank.float().cpu().contiguous().numpy()
-        lists = max(1, min(int(lists), len(data)))
-        km = faiss.Kmeans(data.shape[1], lists, niter=20, seed=seed)
-        km.train(data)
-        _, assign = km.index.search(data, 1)
-        assign = torch.from_numpy(assign[:, 0]).long()
-        self.order = torch.argsort(assign, stable=True)          # list-sorted row -> bank row
+        lists = max(1, min(int(lists), len(bank)))
+        # self.order: list-sorted row -> bank row
+        self.centroids, self.order, counts = kmeans_lists(bank, lists, seed)
         self.rows = bank.float().cpu()[self.order].contiguous()
         self.rows_sq = (self.rows * self.rows).sum(1)
-        self.centroids = torch.from_numpy(km.centroids).float()
         self.centroids_sq = (self.centroids * self.centroids).sum(1)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long),
-                                  torch.bincount(assign, minlength=lists).cumsum(0)]).tolist()
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.lists, self.nprobe = lists, max(1, min(int(nprobe), lists))
 
     def search(self, query: torch.Tensor, k: int = 1, max_block: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,11 +521,9 @@ class GemmIVF:
         out_d, out_i = torch.empty_like(pd), torch.empty_like(pi)
         out_d[perm], out_i[perm] = pd, pi                          # back to (query, probe) order
         out_d, out_i = out_d.reshape(n, p * k), out_i.reshape(n, p * k)
-        v, j = (out_d.min(1, keepdim=True) if p * k == 1 or k == 1 else out_d.topk(k, dim=1, largest=False))
-        i = out_i.gather(1, j)
-        d = v + (q * q).sum(1, keepdim=True)
-        found = i >= 0
-        return torch.where(found, d, torch.full_like(d, float("inf"))), torch.where(found, self.order[i.clamp_min(0)], i)
+        v, j = out_d.min(1, keepdim=True) if k == 1 else out_d.topk(k, dim=1, largest=False)
+        i = out_i.gather(1, j)                                     # not found: distance inf, index -1
+        return v + (q * q).sum(1, keepdim=True), torch.where(i >= 0, self.order[i.clamp_min(0)], i)
 
 
 class NearestNeighbourIndex:

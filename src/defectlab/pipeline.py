@@ -627,21 +627,31 @@ def fit_inputs_sha256(params: Params, method: str, dataset: str, category: str, 
     same inputs: the `fit` stage reuses the model instead (``fit_dataset``). ``with_data=False``:
     the same without the category's manifest (equal: only the images changed, so a method with
     ``extend`` may add the new ones to the old fit)."""
-    import hashlib
+    ev = params.section("evaluation", "eval", EvalParams)
+    return _inputs_sha256(params, method, dataset, category, layout, with_data, eval_batch_size=ev.batch_size,
+                          pretrain=_tree_sha256(layout.pretrain(method, dataset)),
+                          train=_tree_sha256(layout.trained(method, dataset, category)),
+                          backbone=_tree_sha256(layout.backbone(dataset)))
 
+
+def _inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout,
+                   with_data: bool = True, **more) -> str:
+    """Digest of what fitting one category reads from the params, the category's manifest
+    (``with_data``), the package's source and the library versions, with ``more``."""
     from defectlab.tracking import versions
 
     _, cfg = load_method_config(params, method)
-    ev = params.section("evaluation", "eval", EvalParams)
     key = {"method": method, "config": cfg.model_dump(mode="json"),
            "dataset": params.dataset(dataset).model_dump(mode="json"), "seed": params.seed,
            "device": params.device, "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
-           "eval_batch_size": ev.batch_size,
            "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv") if with_data else None,
-           "pretrain": _tree_sha256(layout.pretrain(method, dataset)),
-           "train": _tree_sha256(layout.trained(method, dataset, category)),
-           "backbone": _tree_sha256(layout.backbone(dataset)),
-           "code": _code_sha256(), "versions": versions()}
+           "code": _code_sha256(), "versions": versions(), **more}
+    return _digest(key)
+
+
+def _digest(key: dict) -> str:
+    import hashlib
+
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -968,16 +978,13 @@ EVAL_INPUTS = "eval_inputs.sha256"
 def eval_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
     """Digest of everything evaluating one category reads: the model folder, the category's
     manifest, the evaluation and dataset params, device, the package's source, library versions."""
-    import hashlib
-
     from defectlab.tracking import versions
 
-    key = {"model": _tree_sha256(layout.model(method, dataset, category)),
-           "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
-           "evaluation": params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
-           "dataset": params.dataset(dataset).model_dump(mode="json"), "device": params.device,
-           "code": _code_sha256(), "versions": versions()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest({"model": _tree_sha256(layout.model(method, dataset, category)),
+                    "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
+                    "evaluation": params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
+                    "dataset": params.dataset(dataset).model_dump(mode="json"), "device": params.device,
+                    "code": _code_sha256(), "versions": versions()})
 
 
 def _reuse_evaluation(final: dict, dest: dict, category: str, key: str) -> bool:
@@ -1013,20 +1020,10 @@ def seeds_dir(dataset: str, layout: Layout = Layout()) -> Path:
 def seed_inputs_sha256(params: Params, method: str, dataset: str, category: str, layout: Layout = Layout()) -> str:
     """Digest of everything one extra-seed run of a category reads: the fit's inputs without the
     checkpoints (the run trains its own), the evaluation params."""
-    import hashlib
-
-    from defectlab.tracking import versions
-
-    _, cfg = load_method_config(params, method)
-    key = {"method": method, "config": cfg.model_dump(mode="json"), "seed": params.seed,
-           "dataset": params.dataset(dataset).model_dump(mode="json"), "device": params.device,
-           "profile": params.profile, "calibration": params.calibration.model_dump(mode="json"),
-           "evaluation": params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
-           "backbone": params.raw.get("backbone"), "synthesis": params.raw.get("synthesis"),
-           "manifest": _tree_sha256(layout.prepared(dataset) / category / "manifest.csv"),
-           "pretrain_manifest": _tree_sha256(layout.prepared(dataset) / "pretrain_manifest.csv"),
-           "code": _code_sha256(), "versions": versions()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return _inputs_sha256(params, method, dataset, category, layout,
+                          evaluation=params.section("evaluation", "eval", EvalParams).model_dump(mode="json"),
+                          backbone=params.raw.get("backbone"), synthesis=params.raw.get("synthesis"),
+                          pretrain_manifest=_tree_sha256(layout.prepared(dataset) / "pretrain_manifest.csv"))
 
 
 def extra_seeds(params: Params, dataset: str, layout: Layout = Layout(), progress: bool = True,
@@ -1056,9 +1053,8 @@ def extra_seeds(params: Params, dataset: str, layout: Layout = Layout(), progres
                 for category in params.run.categories:
                     rel = Path(method) / category / f"seed-{s}"
                     key = seed_inputs_sha256(p, method, dataset, category, layout)
-                    old = final / rel.with_suffix(".json")
-                    if (final / rel.with_suffix(".sha256")).exists() and old.exists() and \
-                            (final / rel.with_suffix(".sha256")).read_text().strip() == key:
+                    old, stamp = final / rel.with_suffix(".json"), final / rel.with_suffix(".sha256")
+                    if old.exists() and stamp.exists() and stamp.read_text().strip() == key:
                         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                         for suffix in (".json", ".sha256"):
                             shutil.copy2(final / rel.with_suffix(suffix), tmp / rel.with_suffix(suffix))
