@@ -247,7 +247,7 @@ def _loco_category(base: Path) -> None:
     _save(base / "test" / "logical_anomalies" / "000.png", _rgb(3))
     _save(base / "test" / "structural_anomalies" / "000.png", _rgb(4))
     a = np.zeros((S, S), np.uint8)
-    a[0:10, 0:10] = 250  # 100 px, relative threshold 0.5 -> saturation 50
+    a[0:10, 0:10] = 250  # 100 px, relative threshold 0.555 -> 55.5, truncated to 55 (official)
     b = np.zeros((S, S), np.uint8)
     b[20:30, 20:26] = 251  # 60 px, absolute threshold 40 -> 40
     c = np.zeros((S, S), np.uint8)
@@ -256,7 +256,7 @@ def _loco_category(base: Path) -> None:
     _save(base / "ground_truth" / "logical_anomalies" / "000" / "001.png", b)
     _save(base / "ground_truth" / "structural_anomalies" / "000" / "000.png", c)
     (base / "defects_config.json").write_text(json.dumps([
-        {"defect_name": "missing_thing", "pixel_value": 250, "saturation_threshold": 0.5, "relative_saturation": True},
+        {"defect_name": "missing_thing", "pixel_value": 250, "saturation_threshold": 0.555, "relative_saturation": True},
         {"defect_name": "extra_thing", "pixel_value": 251, "saturation_threshold": 40, "relative_saturation": False},
     ]))
 
@@ -274,11 +274,11 @@ def test_loco_masks_and_saturation(tmp_path):
     config = load_defects_config(tmp_path / "out" / "juice_bottle")
     assert config[250].defect_name == "missing_thing" and config[251].relative_saturation is False
     defects = load_defect_masks(logical, config)
-    assert [(int(m.sum()), sat) for m, sat in defects] == [(100, 50.0), (60, 40.0)]
+    assert [(int(m.sum()), sat) for m, sat in defects] == [(100, 55.0), (60, 40.0)]
     structural = next(s for s in data.test if s.defect_type == "structural_anomalies")
     assert [sat for _, sat in load_defect_masks(structural, config)] == [4.0]
     resized = load_defect_masks(logical, config, size=16)
-    assert resized[0][0].shape == (16, 16) and resized[0][1] == pytest.approx(12.5)
+    assert resized[0][0].shape == (16, 16) and resized[0][1] == pytest.approx(55 * 16 ** 2 / 32 ** 2)
     # works with the project's sPRO metric
     from defectlab.metrics import spro
 

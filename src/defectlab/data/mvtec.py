@@ -398,7 +398,8 @@ def load_defect_masks(
 
     Each distinct nonzero grey value in each mask file is one defect. With a LOCO
     ``config`` the value must be listed there; saturation area = threshold x defect area
-    (relative) or threshold (absolute), capped at the defect's area, measured at the
+    truncated to whole pixels (relative) or threshold (absolute), capped at the defect's area
+    (as the official evaluation's ``get_saturation_area``), measured at the
     original resolution and scaled by the area ratio when ``size`` resizes the mask (mode
     ``resize`` as in ``load_mask``). Without
     a config the saturation area is the whole defect (sPRO reduces to PRO).
@@ -416,7 +417,9 @@ def load_defect_masks(
                 if cfg is None:
                     raise DatasetError(p, f"grey value {int(value)} is not in defects_config.json "
                                           f"(known: {sorted(config)})")
-                sat = cfg.saturation_threshold * area if cfg.relative_saturation else cfg.saturation_threshold
+                # as the official evaluation: a relative area is truncated to whole pixels
+                sat = float(int(cfg.saturation_threshold * area)) if cfg.relative_saturation \
+                    else cfg.saturation_threshold
                 sat = min(sat, area)
             else:
                 sat = area
