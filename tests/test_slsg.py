@@ -357,14 +357,18 @@ def test_save_load_round_trip(trained, tmp_path):
 
 
 def test_detects_planted_defects(trained):
+    """The smoke recipe on demo 'grain' (8 good + 24 defective test images at 64 px). Measured over
+    4 seeds x 1 and 2 torch threads (the float order changes the training): pixel AUROC 0.90-0.98,
+    image AUROC 0.60-0.98 (8 good images make it coarse). The pixel AUROC carries the claim; the
+    image AUROC is only asserted above chance, so the test passes at any thread count."""
     from defectlab.methods.base import make_loader
     from defectlab.metrics import compute_all
 
     model, data, *_ = trained
     r = model.predict_loader(make_loader(data.test, SIZE, 8))
     m = compute_all(r["labels"], r["scores"], r["masks"], r["maps"])
-    assert m["image_auroc"] > 0.75, m
-    assert m["pixel_auroc"] > 0.6, m
+    assert m["pixel_auroc"] > 0.85, m
+    assert m["image_auroc"] > 0.55, m
 
 
 @pytest.mark.slow
