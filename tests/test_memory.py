@@ -233,6 +233,25 @@ def test_bench_fit_times_a_method_against_its_backbone_forward(tmp_path):
         bench_fit("dsr", data, params, image_size=64, repeat=1)
 
 
+def test_bench_inference_trains_a_method_that_pretrains_on_the_category(tmp_path):
+    """`bench --inference --method dsr`: DSR's stage 1 (the `pretrain` stage) reads the category's
+    own training images, so the bench must pretrain on the folder it was given; the method has no
+    frozen network to divide by, so it gets images/s and no ratio."""
+    import yaml
+
+    from conftest import ROOT
+    from defectlab.bench import bench_inference, demo_data
+    from defectlab.config import Params
+
+    data = demo_data(tmp_path, 64, 4, n_test_good=2, n_test_per_defect=1)
+    params = Params({**yaml.safe_load((ROOT / "params.yaml").read_text()), "profile": "smoke"})
+    tiny = {"stage1_iters": 2, "stage2_iters": 2, "stage2_lr_drop_at": 1, "stage3_iters": 1, "n_procedural_textures": 2}
+    r = bench_inference("dsr", data, params, image_size=64, repeat=1, overrides=tiny)
+    assert r["method"] == "dsr" and r["n_test"] == len(data.test) and r["train_seconds"] > 0
+    assert r["images_per_second"] > 0 and r["ratio"] is None and r["floor_seconds"] is None
+    assert 0 <= r["image_auroc"] <= 1 and 0 <= r["pixel_auroc"] <= 1
+
+
 def test_ds2_floor_is_the_backbone_over_every_crop(tmp_path):
     """DS2-GDE embeds each grid crop on its own: its floor forward runs the backbone on exactly the
     crops ``patch_embeddings`` embeds (counted through the extractor's batch sizes)."""

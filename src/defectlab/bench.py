@@ -221,7 +221,7 @@ def _fit_for_bench(method: str, data, params, *, image_size: int, dev, seed: int
     cfg = cls.Config.model_validate({**cfg.model_dump(), **known})
     pre = tmp / "pretrain"
     pre.mkdir(exist_ok=True)
-    pctx = PretrainContext(dataset="bench", data_root=tmp, categories=[data.category], out_dir=pre,
+    pctx = PretrainContext(dataset="bench", data_root=data.root, categories=[data.category], out_dir=pre,
                            image_size=image_size, seed=seed, device=dev, progress=False)
     (cls.freeze_backbone if cls.shared_backbone else cls.pretrain)(cfg, pctx)
     ctx = FitContext(dataset="bench", category=data.category, data=data, image_size=image_size, seed=seed,
