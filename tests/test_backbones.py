@@ -37,6 +37,40 @@ def test_weights_from_file_and_ds2_roundtrip(tmp_path):
     assert torch.equal(again.body.conv1.weight, fx.body.conv1.weight)
 
 
+def _mlp(dims):
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers += [torch.nn.Linear(a, b, bias=False), torch.nn.BatchNorm1d(b)]
+        if i < len(dims) - 2:
+            layers.append(torch.nn.ReLU(inplace=True))
+    return torch.nn.Sequential(*layers)
+
+
+def test_official_moco_v3_checkpoint_is_read_as_released(tmp_path):
+    """A checkpoint with the layout of the MoCo v3 release (facebookresearch/moco-v3: main_moco.py
+    saves {epoch, arch, state_dict, optimizer, scaler} of the DDP-wrapped MoCo model, whose base and
+    momentum encoders are ResNets with ``fc`` replaced by the projection MLP, plus a predictor):
+    ``weights: <that file>`` loads the base encoder, not the momentum encoder, and the projection
+    head is dropped. A checkpoint of another network stops with the keys that do not match."""
+    base = build_backbone("resnet18", "random", seed=1)
+    momentum = build_backbone("resnet18", "random", seed=2)
+    for enc in (base, momentum):
+        enc.fc = _mlp([512, 64, 16])
+    moco = torch.nn.Module()
+    moco.base_encoder, moco.momentum_encoder, moco.predictor = base, momentum, _mlp([16, 64, 16])
+    state = {"module." + k: v for k, v in moco.state_dict().items()}
+    path = tmp_path / "r-18-fake.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.6, "params": [0, 1]}]}, "scaler": {"scale": 1.0}}, path)
+    loaded = build_backbone("resnet18", str(path))
+    for name, tensor in loaded.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, base.state_dict()[name]), name
+    assert not torch.equal(loaded.conv1.weight, momentum.conv1.weight)
+    with pytest.raises(ResourceMissingError, match="does not match resnet50"):
+        build_backbone("resnet50", str(path))
+
+
 def test_networks_rebuilt_from_saved_tensors_skip_initialisation_but_hold_every_tensor(tmp_path):
     """backbone_for_fit / extractor_from_state build on the meta device and assign the saved
     tensors: same outputs as the saved network, nothing left on the meta device."""

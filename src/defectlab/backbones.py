@@ -62,6 +62,24 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: the prefix of the encoder in an official MoCo v3 checkpoint (facebookresearch/moco-v3 saves the
+#: whole DistributedDataParallel-wrapped MoCo model: base and momentum encoders, predictor)
+MOCO_V3_ENCODER = "module.base_encoder."
+
+
+def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classification network's tensors from a checkpoint: an official MoCo v3 checkpoint
+    (``r-50-1000ep.pth.tar`` as released) gives its base encoder without the ``fc.`` projection
+    MLP, as the release's own ``main_lincls.py`` converts it; keys all under DataParallel's
+    ``module.`` lose that prefix; anything else is returned as it is."""
+    if any(k.startswith(MOCO_V3_ENCODER) for k in state):
+        return {k[len(MOCO_V3_ENCODER):]: v for k, v in state.items()
+                if k.startswith(MOCO_V3_ENCODER) and not k.startswith(MOCO_V3_ENCODER + "fc.")}
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def save_backbone(model: nn.Module, path: str | Path, arch: str, meta: dict | None = None) -> None:
     """Save a backbone's state dict as safetensors with the architecture in the metadata."""
     from safetensors.torch import save_file
@@ -115,8 +133,13 @@ def build_backbone(arch: str, weights: str = "random", *, seed: int = 0, dataset
         path = Path(weights)
         if not path.suffix:
             raise ConfigError(f"weights: {weights!r} is neither random, imagenet, ds2 nor a file path")
-    state = load_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = encoder_state(load_state_dict(path))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:                     # tensors of the wrong shape: another network
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ResourceMissingError(f"{path}: does not match {arch} ({len(shapes)} tensors of another shape, "
+                                   f"e.g. {shapes[0] if shapes else err})") from None
     # a classification head (fc / classifier) is allowed to be absent from self-supervised checkpoints
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:

@@ -162,9 +162,9 @@ def _weights_resources(method: str, cfg: Any, profile: str) -> list[Resource]:
     if not matches:
         if paper_init == "moco_v3":
             what = "MoCo v3 ResNet-50 weights"
-            how = (f"{MOCO_V3_URL} (official MoCo v3 release); keep the keys under 'module.base_encoder.' without "
-                   "that prefix and without 'fc.' (the projection head), save as .pth (README: Paper profile)")
-            where = f"set methods.apc.{profile}.weights: /path/to/mocov3_r50.pth"
+            how = (f"{MOCO_V3_URL} (official MoCo v3 release; the file is read as released, its base "
+                   "encoder taken without the projection head)")
+            where = f"set methods.apc.{profile}.weights: /path/to/r-50-1000ep.pth.tar"
         else:
             what = "ImageNet initialisation"
             how = "the torchvision ImageNet weights (see imagenet.<arch>)"
