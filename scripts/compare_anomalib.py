@@ -126,7 +126,8 @@ NOTES = [
     "(passed to anomalib's TimmFeatureExtractor as an nn.Module); `timm` = anomalib's own timm net, pre_trained=False.",
     "PatchCore: both 3x3-averaged layer2+layer3 features, layer3 bilinearly upsampled, concatenated (384-d for "
     "ResNet-18). defectlab pools channels to embed_dim only when embed_dim is smaller (1024: no-op here); anomalib "
-    "never pools. anomalib's AvgPool2d counts zero padding at the border, defectlab's does not.",
+    "never pools. Both average the zero padding at the border into the 3x3 means (anomalib's AvgPool2d; "
+    "defectlab's pool_include_pad, its default).",
     "PatchCore coreset, same ratio: anomalib = sparse random projection (eps 0.9, JL dim ~24.7 ln N), one-at-a-time "
     "greedy, random start, floor(ratio*N); defectlab = Gaussian projection to 128 dims, batched greedy with the same "
     "picks as one-at-a-time, seeded start, round(ratio*N).",
