@@ -26,9 +26,10 @@ repro:
 	dvc repro
 	@echo "results table: $(abspath reports/results.md)"
 
-# Command 2: the tests.
+# Command 2: the tests, one worker per CPU core (pytest-xdist), each test module on one worker (its
+# fixtures are built once) and one torch thread per worker.
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 lint:
 	$(BIN)/python -m ruff check src stages pipelines tests || true

@@ -92,7 +92,8 @@ def test_pyfunc_round_trip_through_a_served_model(repro_project, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *map(str, images)], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == pytest.approx([e["score"] for e in expected], rel=1e-5)
+    # float32 scores from two processes: the BLAS kernels (thread count, batch shapes) may round differently
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == pytest.approx([e["score"] for e in expected], rel=1e-4)
 
     port = _free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -118,7 +119,7 @@ def test_pyfunc_round_trip_through_a_served_model(repro_project, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     rows = answer["predictions"]
-    assert [row["score"] for row in rows[:2]] == pytest.approx([e["score"] for e in expected], rel=1e-5)
+    assert [row["score"] for row in rows[:2]] == pytest.approx([e["score"] for e in expected], rel=1e-4)
     assert [row["label"] for row in rows[:2]] == [e["label"] for e in expected]
     bad = rows[2]["score"]
     assert rows[2]["error"] and (bad is None or bad != bad)       # not an image: reported (null / NaN), others scored
