@@ -125,8 +125,7 @@ def git_dvc_init(proj: Path, env: dict) -> None:
         sh(cmd, proj, env)
 
 
-@pytest.fixture(scope="session")
-def repro_project(tmp_path_factory):
+def build_repro_project(tmp_path_factory):
     """A tiny project (patchcore + padim on weave + board, DS2 backbone stage included) after one
     full `dvc repro` with MLflow tracking on: (project, env, output of the first repro)."""
     proj = make_project(tmp_path_factory.mktemp("proj"), categories=["weave", "board"], methods=["patchcore", "padim"])
@@ -134,6 +133,13 @@ def repro_project(tmp_path_factory):
     git_dvc_init(proj, env)
     first = sh(["dvc", "repro"], proj, env)
     return proj, env, first
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory):
+    """``build_repro_project``, shared, read only: a module that changes params, data or models
+    builds its own (tests run in any order, and in parallel workers)."""
+    return build_repro_project(tmp_path_factory)
 
 
 class record_field_reads:

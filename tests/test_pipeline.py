@@ -7,14 +7,16 @@ import json
 import pytest
 import yaml
 
-from conftest import sh
+from conftest import build_repro_project, sh
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(repro_project):
-    return repro_project
+def project(tmp_path_factory):
+    """Its own project: these tests change params and data and rerun, so they cannot share the
+    session's read-only ``repro_project`` (test_deploy reads its first models and registry)."""
+    return build_repro_project(tmp_path_factory)
 
 
 def test_first_repro_writes_every_output_and_one_mlflow_run_per_stage(project):
