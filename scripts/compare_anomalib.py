@@ -183,8 +183,6 @@ def padim_channels(backbone: str, layers: list[str], n_features: int, seed: int)
 
 
 def run_defectlab(spec: dict) -> tuple[dict, np.ndarray, np.ndarray, list[str]]:
-    import torch
-
     from defectlab.backbones import resolve_device
     from defectlab.data import scan_category
     from defectlab.methods.base import FitContext, make_loader
