@@ -213,6 +213,7 @@ def test_resumed_training_equals_uninterrupted(tiny_demo, tmp_path):
     resumed = fresh(cfg)
     h_res = resumed.train_encoders(images, seed=3, checkpoint=ck)
     assert [h["epoch"] for h in h_res] == [0, 1, 2, 3]
+    assert h_res == h_full                               # the resumed run reports the same epochs and losses
     for (k, a), b in zip(full.encoders.state_dict().items(), resumed.encoders.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
 
