@@ -51,7 +51,8 @@ def test_official_moco_v3_checkpoint_is_read_as_released(tmp_path):
     saves {epoch, arch, state_dict, optimizer, scaler} of the DDP-wrapped MoCo model, whose base and
     momentum encoders are ResNets with ``fc`` replaced by the projection MLP, plus a predictor):
     ``weights: <that file>`` loads the base encoder, not the momentum encoder, and the projection
-    head is dropped. A checkpoint of another network stops with the keys that do not match."""
+    head is dropped. A checkpoint of another network stops with the keys that do not match; one
+    saved from DataParallel (keys under ``module.``) loads as the network."""
     base = build_backbone("resnet18", "random", seed=1)
     momentum = build_backbone("resnet18", "random", seed=2)
     for enc in (base, momentum):
@@ -69,6 +70,11 @@ def test_official_moco_v3_checkpoint_is_read_as_released(tmp_path):
     assert not torch.equal(loaded.conv1.weight, momentum.conv1.weight)
     with pytest.raises(ResourceMissingError, match="does not match resnet50"):
         build_backbone("resnet50", str(path))
+    # a network saved from inside (Distributed)DataParallel: every key under "module."
+    plain = build_backbone("resnet18", "random", seed=4)
+    torch.save({"module." + k: v for k, v in plain.state_dict().items()}, tmp_path / "dp.pth")
+    assert torch.equal(build_backbone("resnet18", str(tmp_path / "dp.pth")).layer4[1].conv2.weight,
+                       plain.layer4[1].conv2.weight)
 
 
 def test_networks_rebuilt_from_saved_tensors_skip_initialisation_but_hold_every_tensor(tmp_path):
