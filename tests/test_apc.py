@@ -367,7 +367,7 @@ def test_image_score_is_the_plain_maximum_or_patchcores_eq7_reweighting(score, m
     model.bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
     feats = torch.tensor([[[1.0, 0.0], [0.0, 0.5]]])                    # (B=1, h·w=2, D=2)
     scores = torch.tensor([[[1.0, 0.5]]])                               # distances to the nearest entry, m0
-    monkeypatch.setattr(model, "patch_scores", lambda images: (scores, torch.tensor([[0, 0]]), feats))
+    monkeypatch.setattr(model, "patch_scores", lambda images: (scores, feats))
     image_scores, maps = model.predict(torch.zeros(1, 3, 8, 8))
     d = torch.tensor([1.0, 2.0, 17.0 ** 0.5])                            # ‖(1, 0) - m‖ for m0, m1, m2
     expected = 1.0 if score == "max" else float(1.0 * (1 - d.exp()[0] / d.exp().sum()))

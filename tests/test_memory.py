@@ -300,9 +300,9 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     from defectlab.memory import AUTO_EXACT_MAX_ROWS, auto_index_factory, rescore_top
 
     assert auto_index_factory(AUTO_EXACT_MAX_ROWS) is None
-    assert auto_index_factory(24576) == "gemm-IVF256"
-    assert auto_index_factory(1_000_000) == "gemm-IVF2048"
-    assert auto_index_factory(9000) == "gemm-IVF128"
+    assert auto_index_factory(24576) == "gemm-IVF128"
+    assert auto_index_factory(1_000_000) == "gemm-IVF1024"
+    assert auto_index_factory(9000) == "gemm-IVF64"
     assert auto_index_factory(10 ** 6, "cuda") is None
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(64, 32, generator=gen)
@@ -310,14 +310,41 @@ def test_auto_index_is_exact_for_small_banks_and_rescore_restores_the_exact_maxi
     feats = centres[torch.randint(64, (4, 500), generator=gen)] + 0.5 * torch.randn(4, 500, 32, generator=gen)
     index = NearestNeighbourIndex(bank, approx="IVF64,Flat", nprobe=1)     # deliberately poor recall
     assert index.approximate
-    d, i = index.search(feats.reshape(-1, 32))
-    d, i = d[:, 0].reshape(4, 500).clone(), i[:, 0].reshape(4, 500).clone()
+    d = index.nearest(feats.reshape(-1, 32)).reshape(4, 500).clone()
     exact, _ = NearestNeighbourIndex(bank).search(feats.reshape(-1, 32))
     exact = exact[:, 0].reshape(4, 500)
     assert (d > exact + 1e-4).any()                                         # the IVF missed some neighbours
-    rescore_top(d, i, feats, index, top=16)
+    rescore_top(d, feats, index, top=16)
     assert torch.allclose(d.amax(1), exact.amax(1), atol=1e-4)              # image maxima now exact
     assert torch.allclose(d.gather(1, d.topk(16, 1).indices), exact.gather(1, d.topk(16, 1).indices), atol=1e-4)
+
+
+def test_rescore_top_settles_images_with_more_overstated_patches_than_top():
+    """50 patches read 10 above their exact distance, far above the true maximum: one round of 16
+    re-searches leaves 34 of them overstated, so rescoring goes on until the largest exact distance
+    is at least every distance still approximate; the image maximum is then the exact one, and an
+    image whose top patch was right from the start is settled in the first round."""
+    from defectlab.memory import rescore_top
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(2, 100, 2, generator=gen)
+    bank = torch.zeros(1, 2)
+    exact = feats.norm(dim=-1)                                  # distance to the only bank entry
+
+    class Overstating:                                          # an approximate index that overstates
+        approximate = True
+        calls = 0
+
+        def exact_search(self, q, k=1):
+            self.calls += 1
+            return NearestNeighbourIndex(bank).exact_search(q, k)
+
+    dist = exact.clone()
+    dist[0, :50] += 10.0
+    index = Overstating()
+    rescore_top(dist, feats, index, top=16)
+    assert torch.allclose(dist.amax(1), exact.amax(1), atol=1e-6)
+    assert index.calls == 4                                     # 16 + 16 + 16 + the last 2 and beyond
 
 
 def _clustered(n_bank=4000, n_query=2000, d=32, seed=0):
@@ -357,6 +384,45 @@ def test_gemm_ivf_finds_what_faiss_ivf_finds_with_the_same_lists():
     assert one.approximate and one.factory == "gemm-IVF32"
     recall = (one.search(query)[1][:, 0] == exact_i[:, 0]).float().mean()
     assert 0.5 < recall < 1.0
+
+
+@pytest.mark.parametrize("approx", [None, "gemm-IVF32", "IVF32,Flat"])
+def test_nearest_is_the_searchs_nearest_distance(approx):
+    """``nearest`` (distances only, by column / row minima) returns what ``search(q, 1)`` finds
+    with the same index: the exact distance without an index, the same probed lists' best with one."""
+    bank, query = _clustered()
+    index = NearestNeighbourIndex(bank, approx=approx, nprobe=1)
+    d, _ = index.search(query, 1)
+    assert torch.allclose(index.nearest(query), d[:, 0], rtol=1e-5, atol=1e-4)
+    exact = torch.cdist(query.double(), bank.double()).amin(1).float()
+    if approx is None:
+        assert torch.allclose(index.nearest(query), exact, atol=1e-4)
+    else:                                        # one probe of 32 lists misses some neighbours
+        assert (index.nearest(query) > exact + 1e-3).any()
+
+
+def test_gemm_ivf_nearest_falls_back_to_exact_for_queries_whose_probed_lists_are_empty():
+    from defectlab.memory import GemmIVF
+
+    bank, query = _clustered(n_bank=600, n_query=50)
+    index = NearestNeighbourIndex(bank, approx="gemm-IVF16", nprobe=1)
+    ivf = index._index
+    assert isinstance(ivf, GemmIVF)
+    ivf.offsets = [0] * len(ivf.offsets)                # every list empty: nothing is found by probing
+    assert torch.isinf(ivf.nearest_sq(query)).all()
+    assert torch.allclose(index.nearest(query), torch.cdist(query, bank).amin(1), atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 9])
+def test_smallest_columns_are_topks_smallest(k):
+    """The packed-key minimum (k < 8) and topk (k >= 8) give each row's k smallest columns, in order."""
+    from defectlab.memory import smallest_columns
+
+    x = torch.rand(500, 256, generator=torch.Generator().manual_seed(k)) * 10
+    x[0, :] = 1.0                                       # an all-ties row
+    got = smallest_columns(x.clone(), k)
+    assert torch.equal(got[1:], x[1:].topk(k, dim=1, largest=False).indices)
+    assert len(set(got[0].tolist())) == k and (k >= 8 or torch.equal(got[0], torch.arange(k)))
 
 
 def test_gemm_ivf_falls_back_to_exact_when_the_probed_lists_hold_fewer_than_k_rows():

@@ -122,7 +122,7 @@ def test_bench_search_times_every_index_against_exact_search(tmp_path):
     root = tiny_demo(tmp_path / "demo", ["weave"])
     out = tmp_path / "s.json"
     run("bench_search.py", "--root", str(root), "--category", "weave", "--image-size", "128", "--images", "2",
-        "--repeat", "1", "--ivf", "4:2", "--hnsw", "8:16", "--gemm", "4:2,4:4,64:2", "--out", str(out))
+        "--repeat", "1", "--ivf", "4:2", "--hnsw", "8:16", "--gemm", "4:2,4:4,64:2", "--nearest", "4:4,4:1", "--out", str(out))
     res = json.loads(out.read_text())
     rows = {r["search"]: r for r in res["rows"]}
     assert res["bank_rows"] == round(0.1 * 3 * 32 * 32) and res["queries_per_image"] == 32 * 32
@@ -133,6 +133,10 @@ def test_bench_search_times_every_index_against_exact_search(tmp_path):
     assert rows["gemm-IVF4, 4 probes"]["recall_at_1"] == 1.0
     assert 0.5 < rows["gemm-IVF4, 2 probes"]["recall_at_1"] <= 1.0
     assert 0.5 < rows["faiss IVF4,Flat, probes 2"]["recall_at_1"] <= 1.0
+    assert rows["gemm-IVF4, 4 probes, distances only (`predict`)"]["recall_at_1"] == 1.0
+    assert rows["gemm-IVF4, 4 probes, distances only (`predict`)"]["distance_overstated"] == pytest.approx(0, abs=1e-5)
+    one = rows["gemm-IVF4, 1 probes, distances only (`predict`)"]
+    assert 0.3 < one["recall_at_1"] < 1.0 and one["distance_overstated"] > 0
 
 
 def test_bench_export_times_and_checks_parity_on_a_tiny_demo(tmp_path):

@@ -454,9 +454,10 @@ def coreset_coverage(features: torch.Tensor, indices: torch.Tensor) -> float:
 #: ``approx="auto"``: banks up to this many rows are searched exactly (below it one GEMM over the
 #: bank is as fast as an inverted-file search; measured by ``defectlab bench --inference``)
 AUTO_EXACT_MAX_ROWS = 4096
-#: lists an ``auto`` inverted file probes per query (recall@1 ≈ 0.996 on PatchCore's smoke patch
-#: features, docs/performance.md)
-AUTO_NPROBE = 6
+#: lists an ``auto`` inverted file probes per query (recall@1 0.935 on PatchCore's smoke patch
+#: features, pixel AUROC within 0.04 points of exact search, image scores exact through
+#: ``rescore_top``: docs/performance.md)
+AUTO_NPROBE = 3
 
 
 def auto_index_factory(n_rows: int, device: str | torch.device = "cpu") -> str | None:
@@ -465,11 +466,13 @@ def auto_index_factory(n_rows: int, device: str | torch.device = "cpu") -> str |
     Exact on CUDA (one GEMM per batch is already far below the backbone's forward there) and for
     banks of up to ``AUTO_EXACT_MAX_ROWS`` rows; above, an inverted file of uncompressed vectors
     searched by grouped matrix products (``gemm-IVF<L>``, ``GemmIVF``: distances to the found
-    neighbours are exact) with L ≈ 1.6·√N lists, the power of two nearest it (at most N/39, as
-    faiss' k-means wants), so a query costs ~(L + nprobe·N/L)·d instead of N·d."""
+    neighbours are exact) with L ≈ 0.8·√N lists, the power of two nearest it (at most N/39, as
+    faiss' k-means wants), so a query costs ~(L + nprobe·N/L)·d instead of N·d. (Fewer, longer
+    lists than the √(nprobe·N) that minimises that cost: at the same time they find more of the
+    true neighbours, docs/performance.md.)"""
     if torch.device(device).type == "cuda" or n_rows <= AUTO_EXACT_MAX_ROWS:
         return None
-    lists = min(2 ** round(math.log2(1.6 * math.sqrt(n_rows))), 2 ** int(math.log2(n_rows / 39)))
+    lists = min(2 ** round(math.log2(0.8 * math.sqrt(n_rows))), 2 ** int(math.log2(n_rows / 39)))
     return f"gemm-IVF{lists}"
 
 
@@ -486,9 +489,12 @@ class GemmIVF:
         lists = max(1, min(int(lists), len(bank)))
         # self.order: list-sorted row -> bank row
         self.centroids, self.order, counts = kmeans_lists(bank, lists, seed)
-        self.rows = bank.float().cpu()[self.order].contiguous()
-        self.rows_sq = (self.rows * self.rows).sum(1)
-        self.centroids_sq = (self.centroids * self.centroids).sum(1)
+        rows = bank.float().cpu()[self.order]
+        self.rows_sq = (rows * rows).sum(1)
+        # [b, -|b|²/2]·[q, 1] = b·q - |b|²/2 = -(|b|² - 2 b·q)/2: the bias rides in the product
+        self.rows_aug = torch.cat([rows, -0.5 * self.rows_sq[:, None]], 1)
+        self.rows = self.rows_aug[:, :-1]
+        self.centroids_aug = torch.cat([-2 * self.centroids, (self.centroids * self.centroids).sum(1, keepdim=True)], 1)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.lists, self.nprobe = lists, max(1, min(int(nprobe), lists))
 
@@ -497,12 +503,8 @@ class GemmIVF:
         found (fewer than k in the probed lists) have distance inf and index -1."""
         q = query.float().cpu().contiguous()
         n, p = q.shape[0], self.nprobe
-        coarse = torch.addmm(self.centroids_sq[None], q, self.centroids.T, alpha=-2)
-        probe = (coarse.min(1, keepdim=True).indices if p == 1 else coarse.topk(p, dim=1, largest=False).indices)
-        pair_list = probe.reshape(-1)
-        perm = torch.argsort(pair_list, stable=True)              # (query, list) pairs grouped by list
-        pair_query = torch.div(perm, p, rounding_mode="floor")
-        counts = torch.bincount(pair_list, minlength=self.lists).tolist()
+        q_sq = (q * q).sum(1)
+        perm, pair_query, counts = self._pairs(torch.cat([q, q.new_ones(n, 1)], 1), q_sq)
         pd = torch.full((n * p, k), float("inf"))
         pi = torch.full((n * p, k), -1, dtype=torch.long)
         start = 0
@@ -523,7 +525,59 @@ class GemmIVF:
         out_d, out_i = out_d.reshape(n, p * k), out_i.reshape(n, p * k)
         v, j = out_d.min(1, keepdim=True) if k == 1 else out_d.topk(k, dim=1, largest=False)
         i = out_i.gather(1, j)                                     # not found: distance inf, index -1
-        return v + (q * q).sum(1, keepdim=True), torch.where(i >= 0, self.order[i.clamp_min(0)], i)
+        return v + q_sq[:, None], torch.where(i >= 0, self.order[i.clamp_min(0)], i)
+
+    def nearest_sq(self, query: torch.Tensor, max_block: int = 1 << 22) -> torch.Tensor:
+        """Squared distance of each query to the nearest row found (``search(query, 1)``'s
+        distances, inf where the probed lists are empty), without the row's index: each list is
+        scored as one (rows × queries) product and reduced by a plain column maximum of
+        b·q - |b|²/2, which vectorises where an arg-minimum does not."""
+        q = query.float().cpu().contiguous()
+        q_aug = torch.cat([q, q.new_ones(q.shape[0], 1)], 1)
+        q_sq = (q * q).sum(1)
+        perm, pair_query, counts = self._pairs(q_aug, q_sq)
+        found = torch.full((len(perm),), -float("inf"))
+        start = 0
+        for lst, c in enumerate(counts):
+            a, b = self.offsets[lst], self.offsets[lst + 1]
+            step = max(1, max_block // max(1, b - a))                 # bound the (rows × queries) block
+            for s0 in range(start, start + c, step) if b > a else ():
+                s1 = min(s0 + step, start + c)
+                torch.amax(self.rows_aug[a:b] @ q_aug.index_select(0, pair_query[s0:s1]).T, 0, out=found[s0:s1])
+            start += c
+        best = torch.full((q.shape[0],), -float("inf")).scatter_reduce_(0, pair_query, found, "amax")
+        return best.mul_(-2).add_(q_sq)
+
+    def _pairs(self, q_aug: torch.Tensor, q_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The (query, probed list) pairs of a batch grouped by list, from the queries with a column
+        of ones appended and their squared norms: ``perm`` (pair positions in (query, probe) order,
+        list by list), the query of each grouped pair, and pairs per list."""
+        p = self.nprobe
+        coarse = torch.addmm(q_sq[:, None], q_aug, self.centroids_aug.T)      # |q - c|²
+        pair_list = smallest_columns(coarse, p).reshape(-1)
+        perm = torch.argsort(pair_list, stable=True)              # (query, list) pairs grouped by list
+        return perm, torch.div(perm, p, rounding_mode="floor"), torch.bincount(pair_list, minlength=self.lists).tolist()
+
+
+def smallest_columns(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the ``k`` smallest entries of each row of a float32 matrix (negative
+    entries count as 0), (rows, k), smallest first; ``x`` is overwritten. ``topk`` sorts each row
+    (~1 µs a row of 256 here); for a few columns, k vectorised minima over int32 keys are faster: a
+    non-negative float's bits order as an int's, so the low bits can carry the column (values
+    closer than 2^-(23 - bits) relative are ordered by column)."""
+    n = x.shape[1]
+    if k >= 8 or n > 1 << 16:
+        return x.topk(k, dim=1, largest=False).indices
+    bits = max(1, (n - 1).bit_length())
+    low = (1 << bits) - 1
+    key = x.clamp_min_(0).view(torch.int32).bitwise_and_(~low).bitwise_or_(torch.arange(n, dtype=torch.int32, device=x.device))
+    out = []
+    for j in range(k):
+        m = key.amin(1, keepdim=True)
+        out.append(m)
+        if j + 1 < k:
+            key.masked_fill_(key == m, torch.iinfo(torch.int32).max)
+    return torch.cat(out, 1).bitwise_and_(low).long()
 
 
 class NearestNeighbourIndex:
@@ -587,13 +641,34 @@ class NearestNeighbourIndex:
             return torch.from_numpy(d).clamp_min_(0).sqrt_(), torch.from_numpy(i)
         return self.exact_search(query, k)
 
+    def nearest(self, query: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance of each query to the nearest bank entry found, (Q,): ``search(query,
+        1)``'s distances without the indices, which the inverted file and the exact search skip
+        (a plain minimum over each block of distances vectorises; an arg-minimum does not)."""
+        if isinstance(self._index, GemmIVF):
+            d = self._index.nearest_sq(query.detach()).clamp_min_(0).sqrt_()
+            short = torch.isinf(d)                      # every probed list empty
+            if short.any():
+                d[short] = self.exact_search(query[short], 1)[0][:, 0].to(d.device)
+            return d
+        if self._index is not None:
+            return self.search(query, 1)[0][:, 0]
+        query = query.float().to(self.bank.device)
+        bank_sq = self._squared_norms()
+        out = [torch.addmm(bank_sq[None], q, self.bank.T, alpha=-2).amin(1).add_((q * q).sum(1))
+               for q in query.split(self.chunk)]
+        return torch.cat(out).clamp_min_(0).sqrt_()
+
+    def _squared_norms(self) -> torch.Tensor:
+        if self._bank_sq is None:
+            self._bank_sq = (self.bank * self.bank).sum(1)
+        return self._bank_sq
+
     def exact_search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``search`` by brute force (chunked matrix products on the bank's device), whatever the index."""
         query = query.float().to(self.bank.device)
         out_d, out_i = [], []
-        if self._bank_sq is None:
-            self._bank_sq = (self.bank * self.bank).sum(1)
-        bank_sq = self._bank_sq
+        bank_sq = self._squared_norms()
         for start in range(0, query.shape[0], self.chunk):
             q = query[start:start + self.chunk]
             # |q - b|² = |q|² + (|b|² - 2 q·b): rank by the fused second term, add |q|² to the k kept
@@ -604,25 +679,35 @@ class NearestNeighbourIndex:
         return torch.cat(out_d), torch.cat(out_i)
 
 
-def rescore_top(dist: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, index: NearestNeighbourIndex,
-                top: int = 16) -> None:
-    """Make the largest nearest-neighbour distances of each image exact, in place.
+def rescore_top(dist: torch.Tensor, feats: torch.Tensor, index: NearestNeighbourIndex, top: int = 16) -> None:
+    """Make the largest nearest-neighbour distance of each image exact, in place.
 
-    ``dist`` / ``idx`` (B, P): each patch's distance to, and index of, its nearest bank entry as an
-    approximate ``index`` found them; ``feats`` (B, P, D) the patches. An approximate search can
-    only overstate a distance (it may miss the nearest entry, never invent a nearer one), so the
-    image score — the largest patch distance — is the one figure it can move; re-searching each
-    image's ``top`` largest by brute force (B·top queries instead of B·P) gives back the exact
-    maximum unless more than ``top`` patches were overstated above it. No-op for exact indexes."""
+    ``dist`` (B, P): each patch's distance to its nearest bank entry as an approximate ``index``
+    found it; ``feats`` (B, P, D) the patches. An approximate search can only overstate a distance
+    (it may miss the nearest entry, never invent a nearer one), so the image score, the largest
+    patch distance, is the figure it moves. Each round re-searches by brute force the ``top``
+    largest distances of every image not yet settled; an image is settled once its largest exact
+    distance is at least every distance still approximate (those can only be smaller than they
+    read), so its maximum is then the exact search's. Usually one round: B·top queries instead of
+    B·P. No-op for exact indexes or ``top`` 0."""
     if not index.approximate or top <= 0:
         return
     b, p = dist.shape
-    k = min(top, p)
-    pos = dist.topk(k, dim=1).indices                                   # B, k
-    rows = torch.arange(b, device=dist.device)[:, None].expand(b, k)
-    d, i = index.exact_search(feats[rows.to(feats.device), pos.to(feats.device)].reshape(b * k, -1), k=1)
-    dist[rows, pos] = d[:, 0].reshape(b, k).to(dist.device, dist.dtype)
-    idx[rows.to(idx.device), pos.to(idx.device)] = i[:, 0].reshape(b, k).to(idx.device, idx.dtype)
+    exact = torch.zeros(b, p, dtype=torch.bool, device=dist.device)
+    todo = torch.arange(b, device=dist.device)
+    while len(todo):
+        open_ = dist[todo].masked_fill(exact[todo], -float("inf"))
+        k = min(top, p)
+        val, pos = open_.topk(k, dim=1)
+        keep = torch.isfinite(val)                                        # not already exact
+        rows = todo[:, None].expand(-1, k)[keep]
+        pos = pos[keep]
+        d, _ = index.exact_search(feats[rows.to(feats.device), pos.to(feats.device)], k=1)
+        dist[rows, pos] = d[:, 0].to(dist.device, dist.dtype)
+        exact[rows, pos] = True
+        best_exact = dist[todo].masked_fill(~exact[todo], -float("inf")).amax(1)
+        best_open = dist[todo].masked_fill(exact[todo], -float("inf")).amax(1)
+        todo = todo[best_exact < best_open]
 
 
 def knn(query: torch.Tensor, bank: torch.Tensor, k: int = 1, **kw) -> tuple[torch.Tensor, torch.Tensor]:

@@ -475,6 +475,6 @@ class APC(PatchCore):
         APC Sec. 3) or PatchCore's Eq. 7 reweighting of it (``reweighted``)."""
         if self.config.score == "reweighted":
             return super().predict(images)
-        scores, _, _ = self.patch_scores(images)
+        scores, _ = self.patch_scores(images)
         maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
         return scores.flatten(1).amax(1), maps

@@ -643,9 +643,8 @@ class MultiScalePatchSVDD(AnomalyMethod):
         emb, ys, xs = self.embed_grid(images, patch)
         b, ny, nx, d = emb.shape
         index = self.index(patch)
-        dist, idx = index.search(emb.reshape(-1, d), k=1)
-        dist = dist[:, 0].reshape(b, ny * nx).to(self.device)
-        rescore_top(dist, idx[:, 0].reshape(b, ny * nx), emb.reshape(b, ny * nx, d), index, self.config.knn_rescore)
+        dist = index.nearest(emb.reshape(-1, d)).reshape(b, ny * nx).to(self.device)
+        rescore_top(dist, emb.reshape(b, ny * nx, d), index, self.config.knn_rescore)
         scores = dist.reshape(b, ny, nx)
         h, w = images.shape[-2:]
         ry, rx = coverage(ys, patch, h, self.device), coverage(xs, patch, w, self.device)

@@ -218,24 +218,25 @@ class PatchCore(AnomalyMethod):
         return self._index
 
     @torch.no_grad()
-    def patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Nearest-bank distances (B, h, w), nearest bank indices (B, h·w), and the features."""
+    def patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-bank distances (B, h, w) and the patch features (B, h·w, D)."""
         f = self.embed(images)
         b, h, w, d = f.shape
         f = f.reshape(b, h * w, d)
-        dist, idx = self.index.search(f.reshape(-1, d), k=1)
-        dist, idx = dist[:, 0].reshape(b, h * w).to(self.device), idx[:, 0].reshape(b, h * w)
-        rescore_top(dist, idx, f, self.index, self.config.knn_rescore)
-        return dist.reshape(b, h, w), idx, f
+        dist = self.index.nearest(f.reshape(-1, d)).reshape(b, h * w).to(self.device)
+        rescore_top(dist, f, self.index, self.config.knn_rescore)
+        return dist.reshape(b, h, w), f
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, nn_idx, feats = self.patch_scores(images)
+        scores, feats = self.patch_scores(images)
         b = scores.shape[0]
         flat = scores.reshape(b, -1)
         best = flat.argmax(1)
         s_star = flat[torch.arange(b), best]
-        image_scores = s_star * self._reweight(feats[torch.arange(b), best], nn_idx[torch.arange(b), best.cpu()])
+        test_patch = feats[torch.arange(b), best]
+        _, nearest = self.index.exact_search(test_patch, 1)            # m*, the bank entry s* is measured to
+        image_scores = s_star * self._reweight(test_patch, nearest[:, 0])
         maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
         return image_scores, maps
 
