@@ -44,6 +44,29 @@ def test_padim_detects_defects(small_demo, tmp_path):
     assert m["pixel_auroc"] > 0.7
 
 
+@pytest.mark.parametrize("size", [64, 72, 100])
+def test_padim_embedding_is_the_channel_subset_of_the_upsampled_concatenation(size):
+    """PaDiM's embedding: the fitted channel subset of the layers' maps, each upsampled (nearest) to
+    the first layer's grid and concatenated (the paper's definition, computed here the direct way),
+    however it is assembled; at 72 and 100 px the deeper grids are not integer divisors."""
+    import torch.nn.functional as F
+
+    from defectlab.backbones import FeatureExtractor, build_backbone
+
+    cls = get_method("padim")
+    model = cls(cls.Config(n_features=100), "cpu")
+    model.extractor = FeatureExtractor(build_backbone("resnet18", "random", seed=0), model.config.layers).eval()
+    model.channels = torch.randperm(448, generator=torch.Generator().manual_seed(0))[:100].sort().values
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model.extractor(images)
+        grid = feats[model.config.layers[0]].shape[-2:]
+        full = torch.cat([F.interpolate(feats[layer], size=grid, mode="nearest") for layer in model.config.layers], 1)
+        got = model._embed(images)
+    assert torch.equal(got, full[:, model.channels])
+    assert got.permute(2, 3, 0, 1).is_contiguous()          # position-major, as the distances read it
+
+
 def test_patchcore_reweighting_follows_eq7():
     pc = PatchCore(PatchCoreConfig(num_neighbors=3), "cpu")
     # bank: m* at the origin with two neighbours; a test patch at distance 1 from m*

@@ -24,6 +24,12 @@ from defectlab.memory import patch_scores_to_maps
 from defectlab.methods.base import AnomalyMethod, FitContext, make_loader
 
 
+def _nearest_source(n_in: int, n_out: int, device) -> torch.Tensor:
+    """Index of the input cell each of ``n_out`` outputs reads in ``F.interpolate(mode="nearest")``."""
+    ramp = torch.arange(n_in, dtype=torch.float32, device=device)[None, None, :, None]
+    return F.interpolate(ramp, size=(n_out, 1), mode="nearest")[0, 0, :, 0].long()
+
+
 class PaDiMConfig(StrictModel):
     backbone: str = "resnet18"
     weights: str = "random"
@@ -52,19 +58,32 @@ class PaDiM(AnomalyMethod):
         self.grid: tuple[int, int] | None = None
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, d, h, w): the ``channels`` of the layers' concatenation, on the first layer's grid. Each
-        layer's selected channels are taken before the deeper maps are upsampled (same result as
-        selecting from the upsampled concatenation, without upsampling the channels never used)."""
+        """(B, d, h, w): the ``channels`` of the layers' concatenation, on the first layer's grid
+        (nearest upsampling). Each layer's selected channels are taken before the deeper maps are
+        upsampled (same result as selecting from the upsampled concatenation, without upsampling the
+        channels never used). The result is a view of a position-major (h, w, B, d) tensor, the
+        layout the fit and the Mahalanobis distances read (``permute(2, 3, 0, 1)`` is contiguous),
+        written in one strided copy per layer."""
         feats = self.extractor(images.to(self.device))
         maps = [feats[layer] for layer in self.config.layers]
-        size = maps[0].shape[-2:]
-        parts, start = [], 0
+        b, (h, w) = maps[0].shape[0], maps[0].shape[-2:]
+        out = torch.empty(h, w, b, len(self.channels), dtype=maps[0].dtype, device=maps[0].device)
+        start = col = 0
         for m in maps:
             idx = self.channels[(self.channels >= start) & (self.channels < start + m.shape[1])] - start
             start += m.shape[1]
-            m = m[:, idx.to(m.device)]
-            parts.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
-        return torch.cat(parts, 1)
+            src = m[:, idx.to(m.device)].permute(2, 3, 0, 1)              # h_l, w_l, B, c (a view)
+            hl, wl = src.shape[:2]
+            dst = out[..., col:col + len(idx)]
+            col += len(idx)
+            if (hl, wl) == (h, w):
+                dst.copy_(src)
+            elif h % hl == 0 and w % wl == 0:     # nearest by an integer factor: a broadcast copy
+                dst.view(hl, h // hl, wl, w // wl, b, -1).copy_(src[:, None, :, None])
+            else:                                 # the source cells F.interpolate(mode="nearest") reads
+                rows, cols = (_nearest_source(n_in, n_out, m.device) for n_in, n_out in ((hl, h), (wl, w)))
+                dst.copy_(src[rows[:, None], cols[None, :]])
+        return out.permute(2, 3, 0, 1)
 
     def fit(self, ctx: FitContext) -> dict:
         cfg = self.config
@@ -172,7 +191,8 @@ class PaDiM(AnomalyMethod):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self._embed(images)
         b, d, h, w = e.shape
-        delta = e.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]  # P, B, d
+        # P, B, d, contiguous (bmm copies each batch entry of a strided operand on its own)
+        delta = e.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None]
         scores = self.squared_mahalanobis(delta).sqrt().T.reshape(b, h, w)
         maps = patch_scores_to_maps(scores, tuple(images.shape[-2:]), self.config.sigma)
         return maps.flatten(1).max(1).values, maps
