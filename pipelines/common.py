@@ -51,9 +51,9 @@ class FlowsParams(StrictModel):
 
 
 def flows_params(root: Path) -> FlowsParams:
-    import yaml
+    from defectlab.io import load_yaml
 
-    raw = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+    raw = load_yaml((Path(root) / "params.yaml").read_text()) or {}
     return validate(FlowsParams, raw.get("flows") or {}, "flows")
 
 

@@ -25,6 +25,7 @@ from pydantic import (model_validator, BaseModel, ConfigDict, Field, StrictBool,
                       field_validator)
 
 from defectlab.errors import ConfigError
+from defectlab.io import load_yaml
 
 PROFILES = ("smoke", "default", "paper")
 M = TypeVar("M", bound=BaseModel)
@@ -236,7 +237,7 @@ class Params:
         if not path.exists():
             raise ConfigError(f"{path}: params file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):

@@ -129,11 +129,11 @@ def restore_recorded_outputs(dvc_stage: str, root: str | Path = ".") -> list[Pat
     the stage can keep what did not change (fit / evaluate reuse, prepare's recorded split).
     Outputs with ``cache: false`` are not in the cache (git holds them); an output whose objects are
     not in the cache (a fresh clone) is left to the stage to rebuild."""
-    import yaml
+    from defectlab.io import load_yaml
 
     root = Path(root)
     try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        lock = load_yaml((root / "dvc.lock").read_text()) or {}
     except OSError:
         return []
     outs = [o for o in ((lock.get("stages") or {}).get(dvc_stage) or {}).get("outs", [])
