@@ -23,6 +23,27 @@ def test_feature_extractor_returns_requested_layers():
         FeatureExtractor(build_backbone("resnet18"), ["layer9"])
 
 
+def test_feature_extractor_runs_channels_last_with_the_networks_own_values(tmp_path):
+    """The extractor computes NHWC (faster on CPU) and returns the maps the network's own NCHW
+    forward gives; its saved tensors are row-major (safetensors refuses strided ones) and a model
+    rebuilt from them, whose weights arrive row-major, is switched again at its first forward."""
+    model = build_backbone("resnet18", "random", seed=0).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        ref = model.layer2(model.layer1(h))
+    fx = FeatureExtractor(build_backbone("resnet18", "random", seed=0), ["layer2"]).eval()
+    out = fx(x)["layer2"]
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-4)
+    state = extractor_state(fx)
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(state, tmp_path / "fx.safetensors")
+    rebuilt = extractor_from_state("resnet18", ["layer2"], state)
+    assert rebuilt(x)["layer2"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(rebuilt(x)["layer2"], out)
+
+
 def test_weights_from_file_and_ds2_roundtrip(tmp_path):
     model = build_backbone("resnet18", "random", seed=3)
     path = tmp_path / "models/ds2/demo/pretrain/backbone.safetensors"
