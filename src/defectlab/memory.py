@@ -501,10 +501,9 @@ class GemmIVF:
     def search(self, query: torch.Tensor, k: int = 1, max_block: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances and bank indices of the ``k`` nearest rows found, (Q, k); rows not
         found (fewer than k in the probed lists) have distance inf and index -1."""
-        q = query.float().cpu().contiguous()
-        n, p = q.shape[0], self.nprobe
-        q_sq = (q * q).sum(1)
-        perm, pair_query, counts = self._pairs(torch.cat([q, q.new_ones(n, 1)], 1), q_sq)
+        n, p = query.shape[0], self.nprobe
+        q_aug, q_sq, perm, pair_query, counts = self._pairs(query)
+        q = q_aug[:, :-1]
         pd = torch.full((n * p, k), float("inf"))
         pi = torch.full((n * p, k), -1, dtype=torch.long)
         start = 0
@@ -532,10 +531,7 @@ class GemmIVF:
         distances, inf where the probed lists are empty), without the row's index: each list is
         scored as one (rows × queries) product and reduced by a plain column maximum of
         b·q - |b|²/2, which vectorises where an arg-minimum does not."""
-        q = query.float().cpu().contiguous()
-        q_aug = torch.cat([q, q.new_ones(q.shape[0], 1)], 1)
-        q_sq = (q * q).sum(1)
-        perm, pair_query, counts = self._pairs(q_aug, q_sq)
+        q_aug, q_sq, perm, pair_query, counts = self._pairs(query)
         found = torch.full((len(perm),), -float("inf"))
         start = 0
         for lst, c in enumerate(counts):
@@ -545,18 +541,20 @@ class GemmIVF:
                 s1 = min(s0 + step, start + c)
                 torch.amax(self.rows_aug[a:b] @ q_aug.index_select(0, pair_query[s0:s1]).T, 0, out=found[s0:s1])
             start += c
-        best = torch.full((q.shape[0],), -float("inf")).scatter_reduce_(0, pair_query, found, "amax")
+        best = torch.full((len(q_sq),), -float("inf")).scatter_reduce_(0, pair_query, found, "amax")
         return best.mul_(-2).add_(q_sq)
 
-    def _pairs(self, q_aug: torch.Tensor, q_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """The (query, probed list) pairs of a batch grouped by list, from the queries with a column
-        of ones appended and their squared norms: ``perm`` (pair positions in (query, probe) order,
-        list by list), the query of each grouped pair, and pairs per list."""
-        p = self.nprobe
+    def _pairs(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The queries with a column of ones appended (Q, D + 1) and their squared norms, and the
+        (query, probed list) pairs of the batch grouped by list: ``perm`` (pair positions in (query,
+        probe) order, list by list), the query of each grouped pair, and pairs per list."""
+        q = query.float().cpu().contiguous()
+        q_aug, q_sq, p = torch.cat([q, q.new_ones(q.shape[0], 1)], 1), (q * q).sum(1), self.nprobe
         coarse = torch.addmm(q_sq[:, None], q_aug, self.centroids_aug.T)      # |q - c|²
         pair_list = smallest_columns(coarse, p).reshape(-1)
         perm = torch.argsort(pair_list, stable=True)              # (query, list) pairs grouped by list
-        return perm, torch.div(perm, p, rounding_mode="floor"), torch.bincount(pair_list, minlength=self.lists).tolist()
+        return (q_aug, q_sq, perm, torch.div(perm, p, rounding_mode="floor"),
+                torch.bincount(pair_list, minlength=self.lists).tolist())
 
 
 def smallest_columns(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -693,12 +691,11 @@ def rescore_top(dist: torch.Tensor, feats: torch.Tensor, index: NearestNeighbour
     if not index.approximate or top <= 0:
         return
     b, p = dist.shape
+    k = min(top, p)
     exact = torch.zeros(b, p, dtype=torch.bool, device=dist.device)
     todo = torch.arange(b, device=dist.device)
     while len(todo):
-        open_ = dist[todo].masked_fill(exact[todo], -float("inf"))
-        k = min(top, p)
-        val, pos = open_.topk(k, dim=1)
+        val, pos = dist[todo].masked_fill(exact[todo], -float("inf")).topk(k, dim=1)
         keep = torch.isfinite(val)                                        # not already exact
         rows = todo[:, None].expand(-1, k)[keep]
         pos = pos[keep]
