@@ -44,6 +44,50 @@ def test_feature_extractor_runs_channels_last_with_the_networks_own_values(tmp_p
     assert torch.equal(rebuilt(x)["layer2"], out)
 
 
+def _random_batch_norms(model, seed):
+    """Batch-norm statistics and affine terms far from the identity a fresh network starts with."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=g))
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.randn(n, generator=g))
+            mod.bias.data.copy_(torch.randn(n, generator=g))
+    return model
+
+
+def test_eval_forward_folds_batch_norms_and_follows_weight_changes():
+    """In eval mode the extractor runs a copy with every batch norm folded into its convolution:
+    the same maps as the unfolded body, no BatchNorm left in the copy, nothing added to the saved
+    state, and the copy is rebuilt when the body's tensors change in place or are replaced."""
+    model = _random_batch_norms(build_backbone("resnet18", "random", seed=0), 1).eval()
+    fx = FeatureExtractor(model, ["layer1", "layer2"]).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def check():
+        with torch.no_grad():
+            ref = fx.body(x)
+        out = fx(x)
+        for k in ref:
+            assert torch.allclose(out[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max().item()), k
+
+    check()
+    folded = fx.inference_body()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fx.body.modules())
+    assert fx.inference_body() is folded                                  # cached while nothing changes
+    assert not any("_inference" in k for k in fx.state_dict())
+    with torch.no_grad():
+        fx.body.get_submodule("layer1.0.bn1").running_mean.add_(3.0)     # in place
+    check()
+    fx.body.load_state_dict(_random_batch_norms(build_backbone("resnet18", "random", seed=5), 2).state_dict(),
+                            strict=False)                                 # copied into the same tensors
+    check()
+    rebuilt = extractor_from_state("resnet18", ["layer1", "layer2"], extractor_state(fx))   # new tensors
+    assert torch.equal(rebuilt(x)["layer2"], fx(x)["layer2"])
+
+
 def test_weights_from_file_and_ds2_roundtrip(tmp_path):
     model = build_backbone("resnet18", "random", seed=3)
     path = tmp_path / "models/ds2/demo/pretrain/backbone.safetensors"

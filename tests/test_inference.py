@@ -168,9 +168,13 @@ def test_heatmap_colours_do_not_depend_on_the_batch(fitted):
     anomalous = [s.path for s in data.test if s.label == 1]
     alone = det.predict([good])
     mixed = det.predict([good, *anomalous])
+    # the same normalised map, to the float noise of batched convolutions (a per-batch rescale moves it
+    # by a large fraction of its range) ...
+    assert np.allclose(det.normalize_map(alone.maps[0]), det.normalize_map(mixed.maps[0]), atol=1e-4)
     rgb = np.zeros((64, 64, 3), np.uint8)
     a, b = det.overlay(rgb, alone.maps[0]).astype(int), det.overlay(rgb, mixed.maps[0]).astype(int)
-    assert np.abs(a - b).max() <= 2          # float noise of batched convolutions; a per-batch rescale moves dozens
+    # ... so the colours differ only where that noise crosses a colour-map step, at a few pixels
+    assert (np.abs(a - b).max(-1) > 0).mean() < 0.01
 
 
 def test_old_model_without_preprocess_block_gives_one_clear_error(fitted, tmp_path):

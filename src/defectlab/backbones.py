@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Iterable
@@ -177,10 +178,31 @@ class FeatureExtractor(nn.Module):
         """The requested layers' maps, computed channels-last (NHWC): oneDNN's convolutions and
         pooling run 1.4-1.6x faster on it than on NCHW on CPU (ResNet-18 to layer 2 at 256²: 74 vs
         122 ms per batch of 8; WRN-50 to layer 3: 579 vs 803 ms), and cuDNN's tensor-core kernels want
-        it too. Same values to float rounding; the maps come out channels-last."""
-        if self._probe is not None and not self._probe.weight.is_contiguous(memory_format=torch.channels_last):
-            self.body.to(memory_format=torch.channels_last)   # once, and again after weights are replaced
-        return self.body(x.contiguous(memory_format=torch.channels_last))
+        it too. With the body in eval mode each batch norm is folded into the convolution
+        before it (``inference_body``). Same values to float rounding; the maps come out channels-last."""
+        if self.body.training:                  # batch statistics: nothing to fold
+            if self._probe is not None and not self._probe.weight.is_contiguous(memory_format=torch.channels_last):
+                self.body.to(memory_format=torch.channels_last)
+            return self.body(x.contiguous(memory_format=torch.channels_last))
+        return self.inference_body()(x.contiguous(memory_format=torch.channels_last))
+
+    def inference_body(self) -> nn.Module:
+        """The body as eval mode computes it: a copy with every batch norm folded into the
+        convolution before it (torch.fx's ``fuse``: one convolution with rescaled weights and a
+        bias instead of a convolution and a normalisation pass; ResNet-18 to layer 2 at 256², batch of
+        8: 67 vs 77 ms; WRN-50 to layer 3: 252 vs 277 ms), channels-last. Built at the first eval
+        forward and again whenever a tensor of the body is replaced, updated in place or moved;
+        the body itself, and so every saved state, keeps its batch norms. Not a registered
+        submodule: it is neither saved nor moved with the extractor."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (*self.body.parameters(), *self.body.buffers()))
+        cached = self.__dict__.get("_inference")
+        if cached is None or cached[0] != key:
+            from torch.fx.experimental.optimization import fuse
+
+            body = copy.deepcopy(self.body).eval()       # a deep copy comes back in training mode
+            body = fuse(body, inplace=True, no_trace=True).to(memory_format=torch.channels_last)
+            cached = self.__dict__["_inference"] = (key, body.requires_grad_(False))
+        return cached[1]
 
 
 def feature_extractor(arch: str, layers: Iterable[str], weights: str = "random", *, seed: int = 0,
