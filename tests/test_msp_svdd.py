@@ -142,6 +142,25 @@ def test_encoders_follow_vgg16_and_map_patch_to_vector():
         assert enc(torch.randn(2, 3, patch, patch)).shape == (2, 32)
 
 
+def test_encoders_run_channels_last_with_the_networks_own_values():
+    """Weights and inputs are NHWC (faster on CPU); the embedding is the one the same weights give
+    row-major, and a state dict loads into an encoder without undoing the layout."""
+    enc = PatchEncoder(32, 0.0625, 16).eval()
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in enc.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = PatchEncoder(32, 0.0625, 16).eval()
+    plain.load_state_dict({k: v.contiguous() for k, v in enc.state_dict().items()})
+    with torch.no_grad():
+        ref = torch.tanh(plain.head.to(memory_format=torch.contiguous_format)(
+            plain.body.to(memory_format=torch.contiguous_format)(x))).flatten(1)
+        assert torch.allclose(enc(x), ref, atol=1e-5)
+    assert plain.body[0].weight.is_contiguous(memory_format=torch.contiguous_format)
+    fresh = PatchEncoder(32, 0.0625, 16)
+    fresh.load_state_dict({k: v.contiguous() for k, v in enc.state_dict().items()})
+    assert fresh.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 # ---- training ------------------------------------------------------------------------------------
 def only(term: str) -> dict:
     w = {"lambda_svdd": 0.0, "cos_weight": 0.0, "ssl_weight": 0.0, "kmeans_weight": 0.0}
