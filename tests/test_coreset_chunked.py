@@ -95,20 +95,26 @@ def test_kmeans_chunks_on_data_with_duplicates_return_what_exists():
     assert len({tuple(v) for v in x[sel].tolist()}) == 40          # every distinct point, once
 
 
-def test_pick_radii_are_the_greedy_radii():
-    """Each pick's distance to the picks before it: for one-at-a-time greedy, the radius that made
-    it the pick (non-increasing), checked against a loop."""
-    from defectlab.memory import _pick_radii
-
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_state_gives_the_radii_and_distances_and_resumes_exactly(batch):
+    """``return_state``: each pick's radius is its distance to the coreset before it (inf for the
+    random start; to the bank first when one is given), the distances are every row's to the whole
+    coreset (dropped rows included), and going on from them picks what a fresh greedy from the same
+    coreset picks (chunked_coreset's cells resume this way instead of recomputing distances)."""
     x, _ = clustered()
-    sel = greedy_coreset(x, 150, proj_dim=None, batch=1)
-    radii = _pick_radii(x[sel], None, block=64)
-    ref = [float("inf")] + [float(torch.cdist(x[sel[k:k + 1]], x[sel[:k]]).min()) for k in range(1, 150)]
-    assert torch.allclose(radii, torch.tensor(ref), rtol=1e-4)
-    assert bool((radii[1:-1] >= radii[2:] - 1e-4).all())
+    tol = 1e-5 * float((x * x).sum(1).max())          # float32 rounding of |x|² - 2x·c + |c|² near 0
+    sel, r2, dist = greedy_coreset(x, 150, proj_dim=None, batch=batch, return_state=True)
+    ref = [float("inf")] + [float(torch.cdist(x[sel[k:k + 1]], x[sel[:k]]).min()) ** 2 for k in range(1, 150)]
+    assert torch.allclose(r2, torch.tensor(ref), rtol=1e-3, atol=tol)
+    assert torch.allclose(dist, torch.cdist(x, x[sel]).min(1).values ** 2, rtol=1e-3, atol=tol)
+    more, r2_more, _ = greedy_coreset(x, 100, proj_dim=None, batch=batch, min_d=dist, n_covered=150, return_state=True)
+    fresh, r2_fresh, _ = greedy_coreset(x, 100, proj_dim=None, batch=batch, covered=x[sel], return_state=True)
+    assert len(set(more.tolist()) & set(sel.tolist())) == 0
+    # the same picks, up to the order of near-ties (distances kept up to date vs recomputed round differently)
+    assert set(more.tolist()) == set(fresh.tolist()) and torch.allclose(r2_more, r2_fresh, rtol=1e-3, atol=tol)
     bank = x[:10]
-    with_bank = _pick_radii(x[sel], bank, block=64)
-    assert float(with_bank[0]) == pytest.approx(float(torch.cdist(x[sel[:1]], bank).min()), rel=1e-4)
+    first, r2_bank, _ = greedy_coreset(x, 5, proj_dim=None, batch=batch, covered=bank, return_state=True)
+    assert float(r2_bank[0]) == pytest.approx(float(torch.cdist(x[first[:1]], bank).min()) ** 2, rel=1e-3)
 
 
 def test_chunked_coreset_is_deterministic_per_seed():
