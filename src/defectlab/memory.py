@@ -274,9 +274,9 @@ class _ActiveSet:
 
 
 #: ``coreset: chunked``: default rows per chunk (``scripts/bench_coreset_scaling.py``: at a 10 %
-#: ratio the selection then costs about one feature pass, at any N)
+#: ratio the selection then costs at most about one feature pass, at any N)
 CORESET_CHUNK = 16384
-#: ``coreset: auto``: exact greedy up to this many rows (there it costs at most ~2.1x the feature
+#: ``coreset: auto``: exact greedy up to this many rows (there it costs at most ~2.5x the feature
 #: pass at 10 %, scripts/bench_coreset_scaling.py), chunked above (~1.8x at any size)
 CORESET_EXACT_MAX = 262144
 
@@ -343,6 +343,9 @@ def chunked_coreset(features: torch.Tensor, n: int, *, chunk: int = CORESET_CHUN
         """k more greedy picks in cell i, going on from its picks so far (and ``covered``) with the
         distances its last greedy left, so nothing is recomputed."""
         part = x[parts[i].to(x.device)]
+        if partition == "random":                          # no merge: neither radii nor a resume needed
+            picks[i] = greedy_coreset(part, k, proj_dim=None, seed=seed + i, covered=covered, **greedy_kw).cpu()
+            return
         resume = {} if dist[i] is None else {"min_d": dist[i], "n_covered": n_cov + len(picks[i])}
         sel, r2, dist[i] = greedy_coreset(part, k, proj_dim=None, seed=seed + i, covered=covered, return_state=True,
                                           **resume, **greedy_kw)

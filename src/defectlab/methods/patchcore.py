@@ -38,7 +38,7 @@ class PatchCoreConfig(StrictModel):
     embed_dim: int = 1024
     coreset_ratio: float = 0.1
     #: greedy: exact greedy over all patches (cost quadratic in the number of patches at a fixed
-    #: ratio: 5x the feature pass at 1M patches, 10 %); chunked: greedy per k-means cell of at most
+    #: ratio: 8x the feature pass at 1M patches, 10 %); chunked: greedy per k-means cell of at most
     #: ``coreset_chunk`` patches, merged (memory.chunked_coreset), so the cost grows linearly (1.8x
     #: at 1M and 4M) within 0.5 AUROC points of greedy (scripts/bench_coreset_scaling.py);
     #: auto: greedy up to memory.CORESET_EXACT_MAX patches, chunked above
