@@ -171,7 +171,6 @@ class FeatureExtractor(nn.Module):
             top = sorted({n.split(".")[0] for n in nodes})
             raise ConfigError(f"layers {bad} not in backbone; top-level nodes: {', '.join(top)}")
         self.body = create_feature_extractor(model, return_nodes={layer: layer for layer in self.layers})
-        self._probe = next((m for m in self.body.modules() if isinstance(m, nn.Conv2d)), None)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -181,7 +180,8 @@ class FeatureExtractor(nn.Module):
         it too. With the body in eval mode each batch norm is folded into the convolution
         before it (``inference_body``). Same values to float rounding; the maps come out channels-last."""
         if self.body.training:                  # batch statistics: nothing to fold
-            if self._probe is not None and not self._probe.weight.is_contiguous(memory_format=torch.channels_last):
+            conv = next((t for t in self.body.parameters() if t.dim() == 4), None)
+            if conv is not None and not conv.is_contiguous(memory_format=torch.channels_last):
                 self.body.to(memory_format=torch.channels_last)
             return self.body(x.contiguous(memory_format=torch.channels_last))
         return self.inference_body()(x.contiguous(memory_format=torch.channels_last))
