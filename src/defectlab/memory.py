@@ -53,12 +53,13 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def min_sq_dists(x: torch.Tensor, x_sq: torch.Tensor, others: torch.Tensor, chunk: int = 1024,
-                 rows: int = 65536) -> torch.Tensor:
-    """Squared distance of each row of ``x`` to its nearest row of ``others``, in bounded memory."""
+                 rows: int = 65536, others_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distance of each row of ``x`` to its nearest row of ``others``, in bounded memory
+    (``others_sq``: the rows' squared norms, when the caller keeps them)."""
     out = torch.full((x.shape[0],), float("inf"), device=x.device)
     for j in range(0, others.shape[0], chunk):
         c = others[j:j + chunk].to(x.device, x.dtype)
-        c_sq = (c * c).sum(1)[None]
+        c_sq = ((c * c).sum(1) if others_sq is None else others_sq[j:j + chunk].to(x.device, x.dtype))[None]
         for i in range(0, x.shape[0], rows):
             # min_j |x - c_j|² = |x|² + min_j (|c_j|² - 2 x·c_j): one fused product and one plain
             # reduction over the (rows × chunk) block, instead of five passes and an arg-minimum
@@ -665,10 +666,8 @@ class NearestNeighbourIndex:
         if self._index is not None:
             return self.search(query, 1)[0][:, 0]
         query = query.float().to(self.bank.device)
-        bank_sq = self._squared_norms()
-        out = [torch.addmm(bank_sq[None], q, self.bank.T, alpha=-2).amin(1).add_((q * q).sum(1))
-               for q in query.split(self.chunk)]
-        return torch.cat(out).clamp_min_(0).sqrt_()
+        return min_sq_dists(query, (query * query).sum(1), self.bank, chunk=len(self.bank), rows=self.chunk,
+                            others_sq=self._squared_norms()).sqrt_()
 
     def _squared_norms(self) -> torch.Tensor:
         if self._bank_sq is None:
