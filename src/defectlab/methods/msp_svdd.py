@@ -434,7 +434,6 @@ class MultiScalePatchSVDD(AnomalyMethod):
             raise ConfigError(f"methods.msp_svdd.scales: patch {patch} larger than the {h}×{w} images")
         ys, xs = grid_starts(h, patch, self.config.strides[patch]), grid_starts(w, patch, self.config.strides[patch])
         pos = torch.cartesian_prod(torch.tensor(ys), torch.tensor(xs))
-        images = images.contiguous(memory_format=torch.channels_last)                 # crop views it as HWC
         out = []
         for i in range(b):   # one image at a time bounds memory at 256 px
             patches = crop(images[i:i + 1], torch.zeros(len(pos), dtype=torch.long), pos, patch)
@@ -636,8 +635,9 @@ class MultiScalePatchSVDD(AnomalyMethod):
     @torch.no_grad()
     def floor_forward(self, images: torch.Tensor) -> None:
         """Every scale's encoder over the inference grid's patches (what the banks are built from)."""
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)   # crop views it as HWC
         for p in self.config.scales:
-            self.embed_grid(images.to(self.device), p)
+            self.embed_grid(images, p)
 
     # -- predict ---------------------------------------------------------------------------------
     def index(self, patch: int) -> NearestNeighbourIndex:
@@ -663,7 +663,7 @@ class MultiScalePatchSVDD(AnomalyMethod):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device)
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)   # once for every scale
         am = sum(self.scale_map(images, p) for p in self.config.scales)          # Eq. 8
         win = min(self.config.score_window, *am.shape[-2:])
         local = F.avg_pool2d(am[:, None], win, stride=self.config.score_stride)  # Eq. 9
